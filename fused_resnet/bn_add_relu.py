@@ -1,0 +1,374 @@
+"""BatchNorm + (optional shortcut add) + ReLU as autograd ops.
+
+Three public functions share one pair of ``torch.library`` custom ops:
+
+- ``bn_relu(x, ...)``                = relu(F.batch_norm(x, ...))
+- ``bn_add_relu(x, residual, ...)``  = relu(F.batch_norm(x, ...) + residual)
+- ``bn_add_bn_relu(x, residual, ...)`` = relu(F.batch_norm(x, ...) + F.batch_norm(residual, ...))
+
+``fused_resnet::bn_add_relu_forward`` computes the batch statistics, updates the running
+statistics in place and writes y; ``fused_resnet::bn_add_relu_backward`` computes every
+gradient. Both are opaque single ops to ``torch.compile`` and ``torch.export``.
+A custom op that mutates its inputs cannot carry an autograd formula, so the two are
+tied together by a ``torch.autograd.Function``, which dynamo traces without a break.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import backend
+from .kernels import (
+    RESIDUAL_ADD,
+    RESIDUAL_BN,
+    RESIDUAL_NONE,
+    ChannelNorm,
+    as_layout,
+    bn_add_relu_backward,
+    bn_add_relu_forward,
+    bn_stats,
+    layout_of,
+)
+from .validation import check_batch_norm_args, check_like
+
+_EMPTY = (0,)
+
+
+def _no_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    # Eval uses the running statistics: the op's mean / invstd outputs are empty.
+    return x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.float32)
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when it is dense NCHW or channels_last, else one NCHW copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps):
+    """ATen's batch_norm on the CPU path: returns (out, save_mean, save_invstd)."""
+    if training and running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked) if (training and running_mean is not None) else 0.0
+    out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    if not training:
+        return (out, *_no_stats(x))
+    return out, mean.float(), invstd.float()
+
+
+def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked, weight, bias,
+                        training, momentum, eps):
+    """(ChannelNorm, from_var, mean_out, invstd_out) for one BatchNorm on the Triton path."""
+    if training:
+        mean, invstd = bn_stats(x, layout, running_mean, running_var, num_batches_tracked, momentum, eps)
+        return ChannelNorm(mean, invstd, weight, bias), False, mean, invstd
+    return (ChannelNorm(running_mean, running_var, weight, bias), True, *_no_stats(x))
+
+
+@torch.library.custom_op(
+    "fused_resnet::bn_add_relu_forward",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked",
+                  "r_running_mean", "r_running_var", "r_num_batches_tracked"),
+)
+def bn_add_relu_forward_op(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    residual_mode: int,
+    residual: Optional[Tensor],
+    r_running_mean: Optional[Tensor],
+    r_running_var: Optional[Tensor],
+    r_num_batches_tracked: Optional[Tensor],
+    r_weight: Optional[Tensor],
+    r_bias: Optional[Tensor],
+    r_training: bool,
+    r_momentum: Optional[float],
+    r_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, mean, invstd, r_mean, r_invstd); the statistics are empty in eval."""
+    is_bn = residual_mode == RESIDUAL_BN
+    if not backend.use_triton(x):
+        y, mean, invstd = _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias,
+                                        training, momentum, eps)
+        r_mean, r_invstd = _no_stats(x)
+        if is_bn:
+            r_y, r_mean, r_invstd = _bn_composite(residual, r_running_mean, r_running_var, r_num_batches_tracked,
+                                                  r_weight, r_bias, r_training, r_momentum, r_eps)
+            y.add_(r_y)
+        elif residual_mode == RESIDUAL_ADD:
+            y.add_(residual)
+        return y.relu_(), mean, invstd, r_mean, r_invstd
+
+    x = _dense(x)
+    layout = layout_of(x)
+    norm, from_var, mean, invstd = _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked,
+                                                       weight, bias, training, momentum, eps)
+    r_norm, r_from_var = None, False
+    r_mean, r_invstd = _no_stats(x)
+    if residual is not None:
+        residual = as_layout(residual, layout)
+    if is_bn:
+        r_norm, r_from_var, r_mean, r_invstd = _batch_stats_triton(
+            residual, layout, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+            r_training, r_momentum, r_eps)
+    y = bn_add_relu_forward(x, layout, norm, eps, from_var, residual=residual, residual_norm=r_norm,
+                            r_eps=r_eps, r_from_var=r_from_var)
+    return y, mean, invstd, r_mean, r_invstd
+
+
+@bn_add_relu_forward_op.register_fake
+def _(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,
+      residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+      r_training, r_momentum, r_eps):
+    C = x.shape[1]
+
+    def stats(batch):
+        shape = (C,) if batch else _EMPTY
+        return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+    mean, invstd = stats(training)
+    r_mean, r_invstd = stats(r_training and residual_mode == RESIDUAL_BN)
+    return torch.empty_like(x), mean, invstd, r_mean, r_invstd
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+def _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd, training, eps):
+    return torch.ops.aten.native_batch_norm_backward(
+        g, x, weight, running_mean, running_var,
+        mean if training else None, invstd if training else None,
+        training, eps, [True, True, True])
+
+
+def _grad_or_empty(grad: Optional[Tensor], param: Optional[Tensor], need: bool, x: Tensor) -> Tensor:
+    # Custom ops cannot return None: an empty tensor stands for "no gradient".
+    if param is None or not need:
+        return x.new_empty(_EMPTY)
+    return grad.to(param.dtype)
+
+
+@torch.library.custom_op("fused_resnet::bn_add_relu_backward", mutates_args=())
+def bn_add_relu_backward_op(
+    dy: Tensor,
+    y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    eps: float,
+    residual_mode: int,
+    residual: Optional[Tensor],
+    r_mean: Tensor,
+    r_invstd: Tensor,
+    r_running_mean: Optional[Tensor],
+    r_running_var: Optional[Tensor],
+    r_weight: Optional[Tensor],
+    r_bias: Optional[Tensor],
+    r_training: bool,
+    r_eps: float,
+    output_mask: List[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias); empty = none.
+
+    ``output_mask`` = [weight, bias, r_weight, r_bias] need a gradient.
+    """
+    need_w, need_b, need_rw, need_rb = output_mask
+    is_bn = residual_mode == RESIDUAL_BN
+    if not backend.use_triton(x):
+        g = torch.ops.aten.threshold_backward(dy, y, 0)
+        dx, dw, db = _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd, training, eps)
+        d_res, r_dw, r_db = None, None, None
+        if is_bn:
+            d_res, r_dw, r_db = _bn_backward_composite(g, residual, r_weight, r_running_mean, r_running_var,
+                                                       r_mean, r_invstd, r_training, r_eps)
+        elif residual_mode == RESIDUAL_ADD:
+            d_res = g
+    else:
+        x = _dense(x)
+        layout = layout_of(x)
+        dy, y = as_layout(dy, layout), as_layout(y, layout)
+
+        def norm_of(m, s, rm, rv, w, b, batch, e):
+            return ChannelNorm(m, s, w, b) if batch else ChannelNorm(rm, torch.rsqrt(rv.float() + e), w, b)
+
+        norm = norm_of(mean, invstd, running_mean, running_var, weight, bias, training, eps)
+        r_norm = None
+        if residual is not None:
+            residual = as_layout(residual, layout)
+        if is_bn:
+            r_norm = norm_of(r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps)
+        dx, d_res, dw, db, r_dw, r_db = bn_add_relu_backward(
+            dy, y, x, layout, norm, training, residual_mode, any(output_mask),
+            residual=residual, residual_norm=r_norm, r_training=r_training)
+    if d_res is None:
+        d_res = x.new_empty(_EMPTY)
+    return (dx, d_res, _grad_or_empty(dw, weight, need_w, x), _grad_or_empty(db, bias, need_b, x),
+            _grad_or_empty(r_dw, r_weight, need_rw and is_bn, x), _grad_or_empty(r_db, r_bias, need_rb and is_bn, x))
+
+
+@bn_add_relu_backward_op.register_fake
+def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps, residual_mode, residual,
+      r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps, output_mask):
+    need_w, need_b, need_rw, need_rb = output_mask
+    is_bn = residual_mode == RESIDUAL_BN
+
+    def grad(p, need):
+        return torch.empty_like(p) if (p is not None and need) else x.new_empty(_EMPTY)
+
+    d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else x.new_empty(_EMPTY)
+    return (torch.empty_like(x), d_res, grad(weight, need_w), grad(bias, need_b),
+            grad(r_weight, need_rw and is_bn), grad(r_bias, need_rb and is_bn))
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+class BnAddReLUFunction(torch.autograd.Function):
+    """Ties the forward op (which mutates the running statistics) to the backward op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, r_weight, r_bias,
+                running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                residual_mode, r_running_mean, r_running_var, r_num_batches_tracked,
+                r_training, r_momentum, r_eps):
+        y, mean, invstd, r_mean, r_invstd = torch.ops.fused_resnet.bn_add_relu_forward(
+            x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,
+            residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+            r_training, r_momentum, r_eps)
+        is_bn = residual_mode == RESIDUAL_BN
+        # What eager PyTorch keeps alive: x and y (the ReLU mask), the residual only when it
+        # is itself normalised, and the running statistics only where they normalised.
+        ctx.save_for_backward(
+            x, y, mean, invstd, weight, bias,
+            None if training else running_mean, None if training else running_var,
+            residual if is_bn else None, r_mean, r_invstd, r_weight, r_bias,
+            None if (r_training or not is_bn) else r_running_mean,
+            None if (r_training or not is_bn) else r_running_var)
+        ctx.config = (training, eps, residual_mode, r_training, r_eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x, y, mean, invstd, weight, bias, running_mean, running_var, residual,
+         r_mean, r_invstd, r_weight, r_bias, r_running_mean, r_running_var) = ctx.saved_tensors
+        training, eps, residual_mode, r_training, r_eps = ctx.config
+        needs = ctx.needs_input_grad
+        output_mask = [needs[1], needs[2], needs[4], needs[5]]
+        dx, d_res, dw, db, r_dw, r_db = torch.ops.fused_resnet.bn_add_relu_backward(
+            dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
+            residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
+            r_training, r_eps, output_mask)
+
+        def some(t, need):
+            return t if need else None
+
+        return (some(dx, needs[0]), some(dw, needs[1]), some(db, needs[2]),
+                some(d_res, needs[3] and residual_mode != RESIDUAL_NONE), some(r_dw, needs[4]), some(r_db, needs[5]),
+                None, None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def bn_relu(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
+
+    Arguments as in :func:`torch.nn.functional.batch_norm`; ``x`` is (N, C, H, W).
+    ``num_batches_tracked``, when given, is incremented in training (as
+    ``nn.BatchNorm2d`` does) and lets ``momentum=None`` mean a cumulative average.
+    """
+    check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+    return BnAddReLUFunction.apply(
+        x, weight, bias, None, None, None, running_mean, running_var, num_batches_tracked,
+        training, momentum, eps, RESIDUAL_NONE, None, None, None, False, 0.0, 0.0)
+
+
+def bn_add_relu(
+    x: Tensor,
+    residual: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + residual)``.
+
+    ``residual`` must have x's shape, dtype and device (it need not share its memory format).
+    """
+    check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+    check_like("residual", residual, x)
+    return BnAddReLUFunction.apply(
+        x, weight, bias, residual, None, None, running_mean, running_var, num_batches_tracked,
+        training, momentum, eps, RESIDUAL_ADD, None, None, None, False, 0.0, 0.0)
+
+
+def bn_add_bn_relu(
+    x: Tensor,
+    residual: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    r_running_mean: Optional[Tensor],
+    r_running_var: Optional[Tensor],
+    r_weight: Optional[Tensor],
+    r_bias: Optional[Tensor],
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    r_training: Optional[bool] = None,
+    r_momentum: Optional[float] = 0.1,
+    r_eps: float = 1e-5,
+    num_batches_tracked: Optional[Tensor] = None,
+    r_num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, ...) + F.batch_norm(residual, r_...))``: a block's main path and
+    its shortcut's own BatchNorm (the ``downsample`` of torchvision) in one pass.
+
+    ``r_training`` defaults to ``training``.
+    """
+    if r_training is None:
+        r_training = training
+    check_batch_norm_args(x, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+    check_like("residual", residual, x)
+    check_batch_norm_args(residual, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_momentum, r_eps,
+                          r_num_batches_tracked, prefix="r_")
+    return BnAddReLUFunction.apply(
+        x, weight, bias, residual, r_weight, r_bias, running_mean, running_var, num_batches_tracked,
+        training, momentum, eps, RESIDUAL_BN, r_running_mean, r_running_var, r_num_batches_tracked,
+        r_training, r_momentum, r_eps)

@@ -1,0 +1,351 @@
+"""BatchNorm + (optional shortcut add) + ReLU: forward and backward kernels.
+
+One family covers the three tails of a residual block:
+
+- ``bn_relu``:        y = relu(bn(x))
+- ``bn_add_relu``:    y = relu(bn(x) + r)
+- ``bn_add_bn_relu``: y = relu(bn(x) + bn_r(r))   (the shortcut's own BatchNorm fused in)
+
+Forward (the statistics come from ``bn_stats``, or from the running stats in eval):
+``bn_add_relu_forward_kernel`` is one elementwise pass y = relu(x*scale[c] + shift[c] (+ r)).
+
+Backward, with g = dy where y > 0 else 0 (the ReLU mask comes from the saved output):
+``bn_add_relu_backward_reduce_kernel`` reads dy, y, x (and r) once and writes per-program
+partial sums of g and g*(x - mean) per channel; for ``bn_add_relu`` it also writes g,
+which *is* d(residual), so the next pass reads g instead of dy and y.
+``bn_add_relu_backward_finalize_kernel`` adds the partials in a fixed order and writes
+d(weight), d(bias). ``bn_add_relu_backward_dx_kernel`` is one elementwise pass for dx.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .bn_stats import row_tile_offsets
+from .layout import ELEMENTWISE_BLOCK, Layout, reduction_plan
+
+# What is added before the final ReLU.
+RESIDUAL_NONE = 0
+RESIDUAL_ADD = 1
+RESIDUAL_BN = 2
+
+
+@triton.jit
+def normalize(v, c, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
+              FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(v - mean[c]) * invstd[c] * w[c] + b[c], in fp32; FROM_VAR: invstd_ptr holds var."""
+    mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(invstd_ptr + c, mask=mask, other=1.0).to(tl.float32)
+    if FROM_VAR:
+        scale = 1.0 / tl.sqrt(scale + eps)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
+    out = (v - mean) * scale
+    if HAS_BIAS:
+        out = out + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
+def bn_add_relu_forward_kernel(
+    x_ptr, r_ptr, y_ptr,
+    mean_ptr, invstd_ptr, w_ptr, b_ptr,
+    r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
+    numel, C, stride_c, eps, r_eps,
+    RESIDUAL: tl.constexpr, FROM_VAR: tl.constexpr, R_FROM_VAR: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    R_HAS_WEIGHT: tl.constexpr, R_HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    c = (offsets // stride_c) % C
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = normalize(x, c, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps, FROM_VAR, HAS_WEIGHT, HAS_BIAS)
+    if RESIDUAL == 1:
+        y += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if RESIDUAL == 2:
+        r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y += normalize(r, c, mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, r_eps,
+                       R_FROM_VAR, R_HAS_WEIGHT, R_HAS_BIAS)
+    # Not tl.maximum: relu must keep NaN as NaN, as torch.relu does.
+    y = tl.where(y < 0.0, 0.0, y)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_add_relu_backward_reduce_kernel(
+    dy_ptr, y_ptr, x_ptr, mean_ptr, r_ptr, r_mean_ptr, g_ptr, partial_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw,
+    rows_per_program, blocks_per_span, spans_per_image,
+    STORE_G: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    hw = tl.arange(0, BLOCK_HW)
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    if RESIDUAL_IS_BN:
+        r_mean = tl.load(r_mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+
+    acc_g = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    acc_gr = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
+    num_rows = N * spans_per_image
+    for i in range(rows_per_program):
+        row = pid_p * rows_per_program + i
+        for b in range(blocks_per_span):
+            offsets, pix_mask = row_tile_offsets(row, b * BLOCK_HW, hw, c, HW, stride_n, stride_c,
+                                                 stride_hw, spans_per_image, BLOCK_HW * blocks_per_span)
+            mask = pix_mask[:, None] & c_mask[None, :] & (row < num_rows)
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = tl.where(y <= 0.0, 0.0, dy)  # as threshold_backward: NaN passes dy
+            if STORE_G:
+                tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
+            acc_g += g
+            acc_gx += tl.where(mask, g * (x - mean[None, :]), 0.0)
+            if RESIDUAL_IS_BN:
+                r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                acc_gr += tl.where(mask, g * (r - r_mean[None, :]), 0.0)
+
+    # Partials are laid out [num_partials, 3, C]: sum g, sum g*(x-mean), sum g*(r-r_mean).
+    out = partial_ptr + pid_p.to(tl.int64) * 3 * C + c
+    tl.store(out, tl.sum(acc_g, axis=0), mask=c_mask)
+    tl.store(out + C, tl.sum(acc_gx, axis=0), mask=c_mask)
+    if RESIDUAL_IS_BN:
+        tl.store(out + 2 * C, tl.sum(acc_gr, axis=0), mask=c_mask)
+
+
+@triton.jit
+def bn_add_relu_backward_finalize_kernel(
+    partial_ptr, sums_ptr, invstd_ptr, dw_ptr, db_ptr, r_invstd_ptr, r_dw_ptr, r_db_ptr,
+    C, num_partials,
+    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr,
+    R_WRITE_DW: tl.constexpr, R_WRITE_DB: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    p = tl.arange(0, BLOCK_P)
+    s_g = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s_gx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s_gr = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    # Fixed-order combination: bitwise reproducible weight gradients.
+    for p0 in range(0, num_partials, BLOCK_P):
+        rows = (p0 + p).to(tl.int64)
+        mask = (rows < num_partials)[:, None] & c_mask[None, :]
+        base = partial_ptr + rows[:, None] * 3 * C + c[None, :]
+        s_g += tl.load(base, mask=mask, other=0.0)
+        s_gx += tl.load(base + C, mask=mask, other=0.0)
+        if RESIDUAL_IS_BN:
+            s_gr += tl.load(base + 2 * C, mask=mask, other=0.0)
+    sum_g = tl.sum(s_g, axis=0)
+    sum_gx = tl.sum(s_gx, axis=0)
+    # sums_ptr is [3, C] fp32, read back by the dx pass.
+    tl.store(sums_ptr + c, sum_g, mask=c_mask)
+    tl.store(sums_ptr + C + c, sum_gx, mask=c_mask)
+    if WRITE_DW:
+        invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+        tl.store(dw_ptr + c, (sum_gx * invstd).to(dw_ptr.dtype.element_ty), mask=c_mask)
+    if WRITE_DB:
+        tl.store(db_ptr + c, sum_g.to(db_ptr.dtype.element_ty), mask=c_mask)
+    if RESIDUAL_IS_BN:
+        sum_gr = tl.sum(s_gr, axis=0)
+        tl.store(sums_ptr + 2 * C + c, sum_gr, mask=c_mask)
+        if R_WRITE_DW:
+            r_invstd = tl.load(r_invstd_ptr + c, mask=c_mask, other=0.0)
+            tl.store(r_dw_ptr + c, (sum_gr * r_invstd).to(r_dw_ptr.dtype.element_ty), mask=c_mask)
+        if R_WRITE_DB:
+            tl.store(r_db_ptr + c, sum_g.to(r_db_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def bn_input_grad(g, v, c, mask, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, sum_gv_ptr, count,
+                  TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """d(input) of y = bn(v) given g = dy/dy_bn; training also carries the batch-stat terms."""
+    invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0)
+    k = invstd
+    if HAS_WEIGHT:
+        k = k * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if TRAINING:
+        mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
+        mean_g = tl.load(sum_g_ptr + c, mask=mask, other=0.0) / count
+        mean_gv = tl.load(sum_gv_ptr + c, mask=mask, other=0.0) / count
+        return k * (g - mean_g - (v - mean) * invstd * invstd * mean_gv)
+    return k * g
+
+
+@triton.jit
+def bn_add_relu_backward_dx_kernel(
+    dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr,
+    r_ptr, dr_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr,
+    numel, C, stride_c, count,
+    G_FROM_BUFFER: tl.constexpr, STORE_G: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr, R_TRAINING: tl.constexpr,
+    R_HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    c = (offsets // stride_c) % C
+    if G_FROM_BUFFER:
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(y <= 0.0, 0.0, dy)  # as threshold_backward: NaN passes dy
+        if STORE_G:
+            tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dx = bn_input_grad(g, x, c, mask, mean_ptr, invstd_ptr, w_ptr, sums_ptr, sums_ptr + C, count,
+                       TRAINING, HAS_WEIGHT)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if RESIDUAL_IS_BN:
+        r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        dr = bn_input_grad(g, r, c, mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, sums_ptr, sums_ptr + 2 * C,
+                           count, R_TRAINING, R_HAS_WEIGHT)
+        tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)
+
+
+FINALIZE_BLOCK_C = 64
+FINALIZE_BLOCK_P = 32
+
+
+@dataclass
+class ChannelNorm:
+    """The per-channel affine of one BatchNorm in a launch.
+
+    ``invstd`` holds 1/sqrt(var + eps) (fp32), or the running variance when a kernel is
+    told FROM_VAR (eval forward: the variance is turned into invstd in the same pass).
+    """
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    # Triton needs a pointer for every argument; flags keep the dummy unread.
+    return fallback if t is None else t
+
+
+def bn_add_relu_forward(
+    x: torch.Tensor,
+    layout: Layout,
+    norm: ChannelNorm,
+    eps: float,
+    from_var: bool,
+    residual: Optional[torch.Tensor] = None,
+    residual_norm: Optional[ChannelNorm] = None,
+    r_eps: float = 0.0,
+    r_from_var: bool = False,
+) -> torch.Tensor:
+    """y = relu(bn(x) [+ residual | + bn_r(residual)]), y in x's dtype and layout.
+
+    ``from_var``: ``norm.invstd`` holds the running variance (eval), turned into
+    1/sqrt(var + eps) in the same pass; ``r_eps`` and ``r_from_var`` likewise for
+    ``residual_norm``.
+    """
+    y = torch.empty_like(x)
+    numel = layout.numel
+    if numel == 0:
+        return y
+    mode = RESIDUAL_NONE if residual is None else (RESIDUAL_ADD if residual_norm is None else RESIDUAL_BN)
+    rn = residual_norm if residual_norm is not None else norm
+    _, stride_c, _ = layout.strides
+    bn_add_relu_forward_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
+        x, _or(residual, x), y,
+        norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean),
+        rn.mean, rn.invstd, _or(rn.weight, rn.mean), _or(rn.bias, rn.mean),
+        numel, layout.C, stride_c, float(eps), float(r_eps),
+        RESIDUAL=mode, FROM_VAR=from_var, R_FROM_VAR=r_from_var,
+        HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
+        R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
+        BLOCK=ELEMENTWISE_BLOCK,
+    )
+    return y
+
+
+def bn_add_relu_backward(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    layout: Layout,
+    norm: ChannelNorm,
+    training: bool,
+    residual_mode: int,
+    need_param_grads: bool,
+    residual: Optional[torch.Tensor] = None,
+    residual_norm: Optional[ChannelNorm] = None,
+    r_training: bool = False,
+):
+    """Gradients of ``bn_add_relu_forward``.
+
+    ``training`` (``r_training``): the normalisation used batch statistics, so the
+    input gradient carries their terms. ``norm.invstd`` is 1/sqrt(var + eps) here,
+    never the variance. Returns
+    ``(dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias)``; entries that do not
+    apply are None. dy, y, x (and residual) must be dense in ``layout``.
+    """
+    C = layout.C
+    count = float(layout.N * layout.HW)
+    dx = torch.empty_like(x)
+    is_bn = residual_mode == RESIDUAL_BN
+    d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else None
+    rn = residual_norm if is_bn else norm
+
+    def param_grad(p):
+        return torch.empty_like(p) if (need_param_grads and p is not None) else None
+
+    dw, db = param_grad(norm.weight), param_grad(norm.bias)
+    r_dw, r_db = (param_grad(rn.weight), param_grad(rn.bias)) if is_bn else (None, None)
+    if layout.numel == 0:
+        for t in (dw, db, r_dw, r_db):
+            if t is not None:
+                t.zero_()
+        return dx, d_res, dw, db, r_dw, r_db
+
+    sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
+    reduce = training or (is_bn and r_training) or need_param_grads
+    store_g_in_reduce = residual_mode == RESIDUAL_ADD and reduce
+    if reduce:
+        plan = reduction_plan(layout)
+        stride_n, stride_c, stride_hw = layout.strides
+        partials = torch.empty((plan.num_partials, 3, C), device=x.device, dtype=torch.float32)
+        bn_add_relu_backward_reduce_kernel[plan.grid](
+            dy, y, x, norm.mean, _or(residual, x), rn.mean, _or(d_res, x), partials,
+            layout.N, C, layout.HW, stride_n, stride_c, stride_hw,
+            plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
+            STORE_G=store_g_in_reduce, RESIDUAL_IS_BN=is_bn,
+            BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
+        )
+        bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+            partials, sums, norm.invstd, _or(dw, sums), _or(db, sums),
+            rn.invstd, _or(r_dw, sums), _or(r_db, sums),
+            C, plan.num_partials,
+            WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=is_bn,
+            R_WRITE_DW=r_dw is not None, R_WRITE_DB=r_db is not None,
+            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+        )
+
+    _, stride_c, _ = layout.strides
+    bn_add_relu_backward_dx_kernel[(triton.cdiv(layout.numel, ELEMENTWISE_BLOCK),)](
+        dy, y, _or(d_res, x), x, dx, norm.mean, norm.invstd, _or(norm.weight, sums), sums,
+        _or(residual, x), _or(d_res, x), rn.mean, rn.invstd, _or(rn.weight, sums),
+        layout.numel, C, stride_c, count,
+        G_FROM_BUFFER=store_g_in_reduce,
+        STORE_G=residual_mode == RESIDUAL_ADD and not store_g_in_reduce,
+        TRAINING=training, HAS_WEIGHT=norm.weight is not None,
+        RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training, R_HAS_WEIGHT=rn.weight is not None,
+        BLOCK=ELEMENTWISE_BLOCK,
+    )
+    return dx, d_res, dw, db, r_dw, r_db
