@@ -21,13 +21,13 @@ install: $(STAMP)
 # the interpreter in their own process (TRITON_INTERPRET must be set before import).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not interpreter" tests
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "interpreter or both" tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not interpreter and not aot" tests
 
 test-interpreter: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "interpreter or both" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m fused_resnet demo

@@ -275,6 +275,101 @@ def bn_add_relu_forward(
     return y
 
 
+def bn_add_relu_backward_sums(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    layout: Layout,
+    norm: ChannelNorm,
+    residual_mode: int,
+    residual: Optional[torch.Tensor] = None,
+    residual_norm: Optional[ChannelNorm] = None,
+    need_param_grads: bool = True,
+):
+    """The reduction pass of the backward: per-channel sums and parameter gradients.
+
+    Returns ``(sums, d_residual, d_weight, d_bias, d_r_weight, d_r_bias)``. ``sums`` is
+    fp32 [3, C]: sum g, sum g*(x - mean), sum g*(r - r_mean) with g = dy where y > 0.
+    For ``RESIDUAL_ADD`` d_residual (= g) is written here; otherwise it is None. The
+    parameter gradients come from these sums (local ones, under SyncBatchNorm too).
+    """
+    C = layout.C
+    is_bn = residual_mode == RESIDUAL_BN
+    rn = residual_norm if is_bn else norm
+
+    def param_grad(p):
+        return torch.empty_like(p) if (need_param_grads and p is not None) else None
+
+    dw, db = param_grad(norm.weight), param_grad(norm.bias)
+    r_dw, r_db = (param_grad(rn.weight), param_grad(rn.bias)) if is_bn else (None, None)
+    d_res = torch.empty_like(x) if residual_mode == RESIDUAL_ADD else None
+    plan = reduction_plan(layout)
+    stride_n, stride_c, stride_hw = layout.strides
+    partials = torch.empty((plan.num_partials, 3, C), device=x.device, dtype=torch.float32)
+    sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
+    bn_add_relu_backward_reduce_kernel[plan.grid](
+        dy, y, x, norm.mean, _or(residual, x), rn.mean, _or(d_res, x), partials,
+        layout.N, C, layout.HW, stride_n, stride_c, stride_hw,
+        plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
+        STORE_G=d_res is not None, RESIDUAL_IS_BN=is_bn,
+        BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
+    )
+    bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+        partials, sums, norm.invstd, _or(dw, sums), _or(db, sums),
+        rn.invstd, _or(r_dw, sums), _or(r_db, sums),
+        C, plan.num_partials,
+        WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=is_bn,
+        R_WRITE_DW=r_dw is not None, R_WRITE_DB=r_db is not None,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return sums, d_res, dw, db, r_dw, r_db
+
+
+def bn_add_relu_backward_dx(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    layout: Layout,
+    norm: ChannelNorm,
+    training: bool,
+    residual_mode: int,
+    sums: Optional[torch.Tensor],
+    count: float,
+    d_res: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    residual_norm: Optional[ChannelNorm] = None,
+    r_training: bool = False,
+):
+    """The elementwise pass of the backward: dx (and d_residual).
+
+    ``sums`` and ``count`` come from ``bn_add_relu_backward_sums`` (all-reduced across
+    processes under SyncBatchNorm); they are only read where a normalisation used batch
+    statistics. ``d_res`` given: it already holds g (written by the reduction), read
+    instead of dy and y. For ``RESIDUAL_ADD`` without it, g is written here.
+    Returns ``(dx, d_residual)``.
+    """
+    is_bn = residual_mode == RESIDUAL_BN
+    rn = residual_norm if is_bn else norm
+    dx = torch.empty_like(x)
+    g_from_buffer = d_res is not None
+    if residual_mode != RESIDUAL_NONE and d_res is None:
+        d_res = torch.empty_like(x)
+    if layout.numel == 0:
+        return dx, d_res
+    _, stride_c, _ = layout.strides
+    bn_add_relu_backward_dx_kernel[(triton.cdiv(layout.numel, ELEMENTWISE_BLOCK),)](
+        dy, y, _or(d_res, x), x, dx, norm.mean, norm.invstd, _or(norm.weight, dx), _or(sums, dx),
+        _or(residual, x), _or(d_res, x), rn.mean, rn.invstd, _or(rn.weight, dx),
+        layout.numel, layout.C, stride_c, float(count),
+        G_FROM_BUFFER=g_from_buffer,
+        STORE_G=residual_mode == RESIDUAL_ADD and not g_from_buffer,
+        TRAINING=training, HAS_WEIGHT=norm.weight is not None,
+        RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training, R_HAS_WEIGHT=rn.weight is not None,
+        BLOCK=ELEMENTWISE_BLOCK,
+    )
+    return dx, d_res
+
+
 def bn_add_relu_backward(
     dy: torch.Tensor,
     y: torch.Tensor,
@@ -288,64 +383,29 @@ def bn_add_relu_backward(
     residual_norm: Optional[ChannelNorm] = None,
     r_training: bool = False,
 ):
-    """Gradients of ``bn_add_relu_forward``.
+    """Gradients of ``bn_add_relu_forward``: the reduction pass (skipped in eval when no
+    parameter needs a gradient), then the elementwise pass.
 
     ``training`` (``r_training``): the normalisation used batch statistics, so the
     input gradient carries their terms. ``norm.invstd`` is 1/sqrt(var + eps) here,
-    never the variance. Returns
-    ``(dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias)``; entries that do not
-    apply are None. dy, y, x (and residual) must be dense in ``layout``.
+    never the variance. Returns ``(dx, d_residual, d_weight, d_bias, d_r_weight,
+    d_r_bias)``; entries that do not apply are None. dy, y, x (and residual) must be
+    dense in ``layout``.
     """
-    C = layout.C
-    count = float(layout.N * layout.HW)
-    dx = torch.empty_like(x)
     is_bn = residual_mode == RESIDUAL_BN
-    d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else None
-    rn = residual_norm if is_bn else norm
-
-    def param_grad(p):
-        return torch.empty_like(p) if (need_param_grads and p is not None) else None
-
-    dw, db = param_grad(norm.weight), param_grad(norm.bias)
-    r_dw, r_db = (param_grad(rn.weight), param_grad(rn.bias)) if is_bn else (None, None)
+    sums = d_res = dw = db = r_dw = r_db = None
     if layout.numel == 0:
-        for t in (dw, db, r_dw, r_db):
-            if t is not None:
-                t.zero_()
-        return dx, d_res, dw, db, r_dw, r_db
+        # No elements: the sums are zero, and so are the parameter gradients.
+        def zeros(p):
+            return None if (p is None or not need_param_grads) else torch.zeros_like(p)
 
-    sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
-    reduce = training or (is_bn and r_training) or need_param_grads
-    store_g_in_reduce = residual_mode == RESIDUAL_ADD and reduce
-    if reduce:
-        plan = reduction_plan(layout)
-        stride_n, stride_c, stride_hw = layout.strides
-        partials = torch.empty((plan.num_partials, 3, C), device=x.device, dtype=torch.float32)
-        bn_add_relu_backward_reduce_kernel[plan.grid](
-            dy, y, x, norm.mean, _or(residual, x), rn.mean, _or(d_res, x), partials,
-            layout.N, C, layout.HW, stride_n, stride_c, stride_hw,
-            plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
-            STORE_G=store_g_in_reduce, RESIDUAL_IS_BN=is_bn,
-            BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
-        )
-        bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
-            partials, sums, norm.invstd, _or(dw, sums), _or(db, sums),
-            rn.invstd, _or(r_dw, sums), _or(r_db, sums),
-            C, plan.num_partials,
-            WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=is_bn,
-            R_WRITE_DW=r_dw is not None, R_WRITE_DB=r_db is not None,
-            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
-        )
-
-    _, stride_c, _ = layout.strides
-    bn_add_relu_backward_dx_kernel[(triton.cdiv(layout.numel, ELEMENTWISE_BLOCK),)](
-        dy, y, _or(d_res, x), x, dx, norm.mean, norm.invstd, _or(norm.weight, sums), sums,
-        _or(residual, x), _or(d_res, x), rn.mean, rn.invstd, _or(rn.weight, sums),
-        layout.numel, C, stride_c, count,
-        G_FROM_BUFFER=store_g_in_reduce,
-        STORE_G=residual_mode == RESIDUAL_ADD and not store_g_in_reduce,
-        TRAINING=training, HAS_WEIGHT=norm.weight is not None,
-        RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training, R_HAS_WEIGHT=rn.weight is not None,
-        BLOCK=ELEMENTWISE_BLOCK,
-    )
+        dw, db = zeros(norm.weight), zeros(norm.bias)
+        if is_bn:
+            r_dw, r_db = zeros(residual_norm.weight), zeros(residual_norm.bias)
+    elif training or (is_bn and r_training) or need_param_grads:
+        sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
+            dy, y, x, layout, norm, residual_mode, residual, residual_norm, need_param_grads)
+    dx, d_res = bn_add_relu_backward_dx(
+        dy, y, x, layout, norm, training, residual_mode, sums, layout.N * layout.HW, d_res,
+        residual, residual_norm, r_training)
     return dx, d_res, dw, db, r_dw, r_db

@@ -74,10 +74,10 @@ def bn_stats_partial_kernel(
 
 @triton.jit
 def bn_stats_finalize_kernel(
-    partial_ptr, x_ptr, mean_ptr, invstd_ptr,
+    partial_ptr, x_ptr, mean_ptr, invstd_ptr, var_ptr,
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     C, stride_c, num_partials, count, momentum, eps,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    STORE_VAR: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -101,6 +101,8 @@ def bn_stats_finalize_kernel(
     mean = shift + mean_d
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+    if STORE_VAR:
+        tl.store(var_ptr + c, var, mask=c_mask)
 
     if UPDATE_RUNNING:
         if CUMULATIVE:
@@ -130,11 +132,14 @@ def bn_stats(
     num_batches_tracked: Optional[torch.Tensor],
     momentum: Optional[float],
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_var: bool = False,
+):
     """Batch mean and 1/sqrt(var + eps) per channel (fp32), updating running stats.
 
     ``x`` must be dense in ``layout``. ``momentum=None`` means the cumulative average,
     which needs ``num_batches_tracked`` (incremented here, before the update).
+    ``return_var`` also returns the biased batch variance (for merging statistics
+    across processes): ``(mean, invstd, var)``.
     """
     plan = reduction_plan(layout)
     stride_n, stride_c, stride_hw = layout.strides
@@ -147,17 +152,18 @@ def bn_stats(
     )
     mean = torch.empty(layout.C, device=x.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
+    var = torch.empty_like(mean) if return_var else mean
     update = running_mean is not None
     if update and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     cumulative = update and momentum is None
     bn_stats_finalize_kernel[(triton.cdiv(layout.C, FINALIZE_BLOCK_C),)](
-        partials, x, mean, invstd,
+        partials, x, mean, invstd, var,
         running_mean if update else mean, running_var if update else invstd,
         num_batches_tracked if cumulative else mean,
         layout.C, stride_c, plan.num_partials, float(layout.N * layout.HW),
         0.0 if momentum is None else float(momentum), float(eps),
-        UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+        STORE_VAR=return_var, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
         BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
     )
-    return mean, invstd
+    return (mean, invstd, var) if return_var else (mean, invstd)
