@@ -148,6 +148,10 @@ def _(x, running_mean, running_var, num_batches_tracked, weight, bias, training,
 
 
 def _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd, training, eps):
+    if x.numel() == 0:
+        # ATen's CPU kernel divides by the element count (SIGFPE on an empty batch).
+        zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        return torch.empty_like(x), zeros, zeros.clone()
     return torch.ops.aten.native_batch_norm_backward(
         g, x, weight, running_mean, running_var,
         mean if training else None, invstd if training else None,

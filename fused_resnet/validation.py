@@ -17,7 +17,8 @@ def check_activation(name: str, t: torch.Tensor) -> None:
     if t.dim() != 4:
         raise ValueError(f"expected 4D {name} (got {t.dim()}D input)")
     if not t.is_floating_point():
-        raise RuntimeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        # What ATen raises for batch_norm on an integer or bool tensor.
+        raise NotImplementedError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
 def check_like(name: str, t: torch.Tensor, x: torch.Tensor, x_name: str = "x") -> None:

@@ -97,7 +97,9 @@ def bn_stats_finalize_kernel(
 
     shift = tl.load(x_ptr + c.to(tl.int64) * stride_c, mask=c_mask, other=0.0).to(tl.float32)
     mean_d = sum_d / count
-    var = tl.maximum(sum_d2 / count - mean_d * mean_d, 0.0)
+    var = sum_d2 / count - mean_d * mean_d
+    # Clamp rounding below zero, but keep NaN (an Inf in x makes the variance NaN, as in PyTorch).
+    var = tl.where(var < 0.0, 0.0, var)
     mean = shift + mean_d
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
