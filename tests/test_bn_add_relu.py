@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fused_resnet
 from fused_resnet import backend
-from reference import assert_close, f64, reference_bn
+from reference import DEVICE, assert_close, f64, reference_bn
 
 OPS = ["bn_relu", "bn_add_relu", "bn_add_bn_relu"]
 # Shapes that fit no block size; C=70 spans two finalize blocks and many channel tiles.
@@ -23,13 +23,14 @@ EPS = 1e-5
 def make_bn_state(C, seed):
     """(running_mean, running_var, weight, bias, num_batches_tracked), fp32 like nn.BatchNorm2d."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(C, generator=g) * 0.1, torch.rand(C, generator=g) + 0.5,
-            torch.randn(C, generator=g), torch.randn(C, generator=g), torch.tensor(0, dtype=torch.long))
+    state = (torch.randn(C, generator=g) * 0.1, torch.rand(C, generator=g) + 0.5,
+             torch.randn(C, generator=g), torch.randn(C, generator=g), torch.tensor(0, dtype=torch.long))
+    return tuple(t.to(DEVICE) for t in state)
 
 
 def make_input(shape, dtype, channels_last, seed, mean=0.5, std=2.0):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(DEVICE, dtype)
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -176,7 +177,7 @@ def test_non_dense_input_is_read_through_a_copy():
     assert_close(y, y64, torch.float32, "y")
 
 
-@pytest.mark.skipif(backend.INTERPRET, reason="the CPU PyTorch path only")
+@pytest.mark.skipif(backend.INTERPRET or DEVICE != "cpu", reason="the CPU PyTorch path only")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cpu_path_is_bitwise_eager(training):
     """Without Triton, the ops run ATen's own kernels: the same bits as the eager sequence."""

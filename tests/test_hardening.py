@@ -11,19 +11,20 @@ from hypothesis import strategies as st
 
 import fused_resnet
 from fused_resnet import backend
-from reference import assert_close, f64
+from reference import DEVICE, TRITON_PATH, assert_close, f64
 
 C = 3
 
 
 def bn_args(C=C, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    return dict(running_mean=torch.randn(C, generator=g) * 0.1, running_var=torch.rand(C, generator=g) + 0.5,
+    args = dict(running_mean=torch.randn(C, generator=g) * 0.1, running_var=torch.rand(C, generator=g) + 0.5,
                 weight=torch.randn(C, generator=g), bias=torch.randn(C, generator=g))
+    return {k: v.to(DEVICE) for k, v in args.items()}
 
 
 def x_of(shape=(2, C, 4, 4), dtype=torch.float32):
-    return torch.randn(shape).to(dtype)
+    return torch.randn(shape).to(DEVICE, dtype)
 
 
 # ------------------------------------------------------------------------ bad input
@@ -163,7 +164,8 @@ def forbid_host_sync():
             setattr(torch.Tensor, n, f)
 
 
-@pytest.mark.interpreter
+@pytest.mark.both
+@pytest.mark.skipif(not TRITON_PATH, reason="the CPU path reads num_batches_tracked on the host (no device there)")
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_triton_path_makes_no_host_sync(momentum):
     """The Triton path reads no tensor value on the host (CUDA-graph capturable), momentum=None included."""
@@ -171,7 +173,7 @@ def test_triton_path_makes_no_host_sync(momentum):
     rargs = bn_args()
     x = x_of().requires_grad_()
     r = x_of().requires_grad_()
-    nbt, rnbt = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    nbt, rnbt = (torch.zeros((), dtype=torch.long, device=DEVICE) for _ in range(2))
     with forbid_host_sync():
         for training in (True, False):
             y = fused_resnet.bn_add_bn_relu(x, r, *args.values(), *rargs.values(), training=training,
@@ -213,13 +215,13 @@ SETTINGS = settings(max_examples=12 if backend.INTERPRET else 40, deadline=None,
 def test_property_matches_float64_reference(n, c, h, w, dtype, layout, training, affine, residual):
     if training and n * h * w == 1:
         return
-    x = torch.randn(n, c, h, w + (1 if layout == "sliced" else 0)).to(dtype)
+    x = torch.randn(n, c, h, w + (1 if layout == "sliced" else 0)).to(DEVICE, dtype)
     if layout == "sliced":
         x = x[..., 1:]
     elif layout == "nhwc":
         x = x.to(memory_format=torch.channels_last)
     x.requires_grad_()
-    r = torch.randn(n, c, h, w).to(dtype) if residual else None
+    r = torch.randn(n, c, h, w).to(DEVICE, dtype) if residual else None
     args = bn_args(c)
     if not affine:
         args["weight"] = args["bias"] = None
@@ -239,7 +241,8 @@ def test_property_matches_float64_reference(n, c, h, w, dtype, layout, training,
     assert_close(x.grad, x64.grad, dtype, "dx")
 
 
-@pytest.mark.interpreter
+@pytest.mark.both
+@pytest.mark.skipif(not TRITON_PATH, reason="partitions the Triton reductions")
 @pytest.mark.parametrize("target_programs", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_reduction_loops_over_rows_and_spans(monkeypatch, target_programs, channels_last):
