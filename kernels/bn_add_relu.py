@@ -26,12 +26,32 @@ import triton
 import triton.language as tl
 
 from .bn_stats import row_tile_offsets
-from .layout import ELEMENTWISE_BLOCK, Layout, reduction_plan
+from .layout import Layout, elementwise_plan, reduction_plan
 
 # What is added before the final ReLU.
 RESIDUAL_NONE = 0
 RESIDUAL_ADD = 1
 RESIDUAL_BN = 2
+
+
+@triton.jit
+def tile(num_rows, row_len, C, CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+         BLOCK_COLS: tl.constexpr):
+    """Offsets and mask of this program's [BLOCK_ROWS, BLOCK_COLS] tile, and its channels
+    with their mask, shaped to broadcast against the tile ([1, COLS] or [ROWS, 1])."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    row_mask = rows < num_rows
+    col_mask = cols < row_len
+    offsets = rows.to(tl.int64)[:, None] * row_len + cols[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    if CHANNEL_IS_COL:
+        c = cols[None, :]
+        c_mask = col_mask[None, :]
+    else:
+        c = (rows % C)[:, None]
+        c_mask = row_mask[:, None]
+    return offsets, mask, c, c_mask
 
 
 @triton.jit
@@ -55,22 +75,20 @@ def bn_add_relu_forward_kernel(
     x_ptr, r_ptr, y_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr,
     r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
-    numel, C, stride_c, eps, r_eps,
+    num_rows, row_len, C, eps, r_eps,
     RESIDUAL: tl.constexpr, FROM_VAR: tl.constexpr, R_FROM_VAR: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     R_HAS_WEIGHT: tl.constexpr, R_HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    c = (offsets // stride_c) % C
+    offsets, mask, c, c_mask = tile(num_rows, row_len, C, CHANNEL_IS_COL, BLOCK_ROWS, BLOCK_COLS)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    y = normalize(x, c, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps, FROM_VAR, HAS_WEIGHT, HAS_BIAS)
+    y = normalize(x, c, c_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps, FROM_VAR, HAS_WEIGHT, HAS_BIAS)
     if RESIDUAL == 1:
         y += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL == 2:
         r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        y += normalize(r, c, mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, r_eps,
+        y += normalize(r, c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, r_eps,
                        R_FROM_VAR, R_HAS_WEIGHT, R_HAS_BIAS)
     # Not tl.maximum: relu must keep NaN as NaN, as torch.relu does.
     y = tl.where(y < 0.0, 0.0, y)
@@ -187,15 +205,13 @@ def bn_input_grad(g, v, c, mask, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, sum_gv_
 def bn_add_relu_backward_dx_kernel(
     dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr,
     r_ptr, dr_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr,
-    numel, C, stride_c, count,
+    num_rows, row_len, C, count,
     G_FROM_BUFFER: tl.constexpr, STORE_G: tl.constexpr, TRAINING: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr, R_TRAINING: tl.constexpr,
     R_HAS_WEIGHT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    c = (offsets // stride_c) % C
+    offsets, mask, c, c_mask = tile(num_rows, row_len, C, CHANNEL_IS_COL, BLOCK_ROWS, BLOCK_COLS)
     if G_FROM_BUFFER:
         g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -205,12 +221,12 @@ def bn_add_relu_backward_dx_kernel(
         if STORE_G:
             tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dx = bn_input_grad(g, x, c, mask, mean_ptr, invstd_ptr, w_ptr, sums_ptr, sums_ptr + C, count,
+    dx = bn_input_grad(g, x, c, c_mask, mean_ptr, invstd_ptr, w_ptr, sums_ptr, sums_ptr + C, count,
                        TRAINING, HAS_WEIGHT)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RESIDUAL_IS_BN:
         r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dr = bn_input_grad(g, r, c, mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, sums_ptr, sums_ptr + 2 * C,
+        dr = bn_input_grad(g, r, c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, sums_ptr, sums_ptr + 2 * C,
                            count, R_TRAINING, R_HAS_WEIGHT)
         tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
@@ -256,21 +272,20 @@ def bn_add_relu_forward(
     ``residual_norm``.
     """
     y = torch.empty_like(x)
-    numel = layout.numel
-    if numel == 0:
+    if layout.numel == 0:
         return y
     mode = RESIDUAL_NONE if residual is None else (RESIDUAL_ADD if residual_norm is None else RESIDUAL_BN)
     rn = residual_norm if residual_norm is not None else norm
-    _, stride_c, _ = layout.strides
-    bn_add_relu_forward_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
+    plan = elementwise_plan(layout)
+    bn_add_relu_forward_kernel[plan.grid](
         x, _or(residual, x), y,
         norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean),
         rn.mean, rn.invstd, _or(rn.weight, rn.mean), _or(rn.bias, rn.mean),
-        numel, layout.C, stride_c, float(eps), float(r_eps),
+        plan.num_rows, plan.row_len, layout.C, float(eps), float(r_eps),
         RESIDUAL=mode, FROM_VAR=from_var, R_FROM_VAR=r_from_var,
         HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
         R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
-        BLOCK=ELEMENTWISE_BLOCK,
+        CHANNEL_IS_COL=plan.channel_is_col, BLOCK_ROWS=plan.block_rows, BLOCK_COLS=plan.block_cols,
     )
     return y
 
@@ -356,16 +371,16 @@ def bn_add_relu_backward_dx(
         d_res = torch.empty_like(x)
     if layout.numel == 0:
         return dx, d_res
-    _, stride_c, _ = layout.strides
-    bn_add_relu_backward_dx_kernel[(triton.cdiv(layout.numel, ELEMENTWISE_BLOCK),)](
+    plan = elementwise_plan(layout)
+    bn_add_relu_backward_dx_kernel[plan.grid](
         dy, y, _or(d_res, x), x, dx, norm.mean, norm.invstd, _or(norm.weight, dx), _or(sums, dx),
         _or(residual, x), _or(d_res, x), rn.mean, rn.invstd, _or(rn.weight, dx),
-        layout.numel, layout.C, stride_c, float(count),
+        plan.num_rows, plan.row_len, layout.C, float(count),
         G_FROM_BUFFER=g_from_buffer,
         STORE_G=residual_mode == RESIDUAL_ADD and not g_from_buffer,
         TRAINING=training, HAS_WEIGHT=norm.weight is not None,
         RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training, R_HAS_WEIGHT=rn.weight is not None,
-        BLOCK=ELEMENTWISE_BLOCK,
+        CHANNEL_IS_COL=plan.channel_is_col, BLOCK_ROWS=plan.block_rows, BLOCK_COLS=plan.block_cols,
     )
     return dx, d_res
 

@@ -1,10 +1,13 @@
 """Memory layouts and work partitions shared by every kernel family.
 
-Every kernel sees a 4-D activation (N, C, H, W) as (N, C, HW) with three strides:
+Reductions see a 4-D activation (N, C, H, W) as (N, C, HW) with three strides:
 ``stride_n``, ``stride_c`` and ``stride_hw``. That covers contiguous NCHW
-(C*HW, HW, 1) and channels_last / NHWC (HW*C, 1, C) without a copy. Elementwise
-kernels go further and walk the dense buffer linearly, recovering the channel as
-``(offset // stride_c) % C``, which holds for any dense layout.
+(C*HW, HW, 1) and channels_last / NHWC (HW*C, 1, C) without a copy.
+
+Elementwise kernels see the dense buffer as rows of contiguous elements: NCHW rows are
+the N*C planes of HW pixels (a row's channel is ``row % C``), NHWC rows are the N*HW
+pixels of C channels (a column *is* the channel). Either way no element needs a 64-bit
+division to find its channel.
 """
 from __future__ import annotations
 
@@ -62,6 +65,32 @@ def layout_of(x: torch.Tensor) -> Layout:
 def as_layout(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     """``t`` in ``layout``'s memory format; copies only when it is not already."""
     return t.contiguous(memory_format=layout.memory_format)
+
+
+@dataclass(frozen=True)
+class ElementwisePlan:
+    """Rows x columns tiling of a dense activation for the elementwise kernels."""
+
+    num_rows: int
+    row_len: int
+    channel_is_col: bool
+    block_rows: int
+    block_cols: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (triton.cdiv(self.num_rows, self.block_rows), triton.cdiv(self.row_len, self.block_cols))
+
+
+def elementwise_plan(layout: Layout) -> ElementwisePlan:
+    """Tiles of about ELEMENTWISE_BLOCK elements, as wide as a row allows."""
+    if layout.channels_last:
+        num_rows, row_len = layout.N * layout.HW, layout.C
+    else:
+        num_rows, row_len = layout.N * layout.C, layout.HW
+    block_cols = min(triton.next_power_of_2(max(row_len, 1)), ELEMENTWISE_BLOCK)
+    block_rows = min(max(ELEMENTWISE_BLOCK // block_cols, 1), triton.next_power_of_2(max(num_rows, 1)))
+    return ElementwisePlan(num_rows, row_len, layout.channels_last, block_rows, block_cols)
 
 
 @dataclass(frozen=True)
