@@ -119,6 +119,8 @@ def check_steps(op, shape, dtype, channels_last, training, momentum=0.1, steps=3
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_parity_with_float64_reference(op, shape, dtype, channels_last, training):
+    if backend.INTERPRET and shape != SHAPES[0] and dtype != torch.float32:
+        pytest.skip("interpreter time: the low-precision dtypes run on the first shape only")
     check_steps(op, shape, dtype, channels_last, training)
 
 
