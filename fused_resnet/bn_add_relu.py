@@ -36,9 +36,14 @@ from .validation import check_batch_norm_args, check_like
 _EMPTY = (0,)
 
 
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the saved mean / invstd: fp32, or float64 for a float64 input (as ATen)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _no_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     # Eval uses the running statistics: the op's mean / invstd outputs are empty.
-    return x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.float32)
+    return x.new_empty(_EMPTY, dtype=stats_dtype(x)), x.new_empty(_EMPTY, dtype=stats_dtype(x))
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -60,7 +65,7 @@ def _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bia
     out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
     if not training:
         return (out, *_no_stats(x))
-    return out, mean.float(), invstd.float()
+    return out, mean.to(stats_dtype(x)), invstd.to(stats_dtype(x))
 
 
 def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked, weight, bias,
@@ -137,7 +142,7 @@ def _(x, running_mean, running_var, num_batches_tracked, weight, bias, training,
 
     def stats(batch):
         shape = (C,) if batch else _EMPTY
-        return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+        return x.new_empty(shape, dtype=stats_dtype(x)), x.new_empty(shape, dtype=stats_dtype(x))
 
     mean, invstd = stats(training)
     r_mean, r_invstd = stats(r_training and residual_mode == RESIDUAL_BN)
@@ -150,7 +155,7 @@ def _(x, running_mean, running_var, num_batches_tracked, weight, bias, training,
 def _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd, training, eps):
     if x.numel() == 0:
         # ATen's CPU kernel divides by the element count (SIGFPE on an empty batch).
-        zeros = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        zeros = torch.zeros(x.shape[1], dtype=stats_dtype(x), device=x.device)
         return torch.empty_like(x), zeros, zeros.clone()
     return torch.ops.aten.native_batch_norm_backward(
         g, x, weight, running_mean, running_var,

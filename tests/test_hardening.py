@@ -317,3 +317,19 @@ def test_torch_export_in_eval_mode():
     targets = {str(node.target) for node in exported.graph.nodes}
     assert "fused_resnet.bn_add_relu_forward.default" in targets
     torch.testing.assert_close(exported.module()(x), block(x))
+
+
+@pytest.mark.both
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float64_runs_at_float64_precision(training):
+    """float64 takes ATen's kernels on every device: the fp32 kernels would lose precision."""
+    args = {k: v.double() for k, v in bn_args().items()}
+    x = x_of(dtype=torch.float64).requires_grad_()
+    r = x_of(dtype=torch.float64).requires_grad_()
+    y = fused_resnet.bn_add_relu(x, r, **{k: v.clone() for k, v in args.items()}, training=training)
+    x2, r2 = f64(x, True), f64(r, True)
+    y2 = torch.relu(F.batch_norm(x2, *[v.clone() for v in args.values()], training=training) + r2)
+    y.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-12, rtol=1e-12)
