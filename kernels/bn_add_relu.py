@@ -220,12 +220,16 @@ def bn_add_relu_backward_dx_kernel(
         g = tl.where(y <= 0.0, 0.0, dy)  # as threshold_backward: NaN passes dy
         if STORE_G:
             tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = 0.0
+    if TRAINING:  # eval: dx = g * w * invstd needs no x (saves a read of T)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     dx = bn_input_grad(g, x, c, c_mask, mean_ptr, invstd_ptr, w_ptr, sums_ptr, sums_ptr + C, count,
                        TRAINING, HAS_WEIGHT)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RESIDUAL_IS_BN:
-        r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        r = 0.0
+        if R_TRAINING:
+            r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dr = bn_input_grad(g, r, c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, sums_ptr, sums_ptr + 2 * C,
                            count, R_TRAINING, R_HAS_WEIGHT)
         tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)

@@ -293,43 +293,31 @@ class TinyBlock(torch.nn.Module):
 def test_torch_compile_fullgraph_gives_the_same_numbers(compiler):
     import copy
 
-    eager = TinyBlock()
+    eager = TinyBlock().to(DEVICE)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, backend=compiler)
-    x = torch.randn(2, C, 8, 8)
+    # Inductor generates its own code for whatever is not a fused op (on the CPU path,
+    # the BatchNorm too), so its sums may be ordered differently.
+    tol = dict(atol=1e-4, rtol=1e-4) if compiler == "inductor" else dict(atol=0, rtol=0)
+    x = torch.randn(2, C, 8, 8, device=DEVICE)
     for step in range(2):
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
         ye, yc = eager(xe), compiled(xc)
         ye.sum().backward()
         yc.sum().backward()
-        torch.testing.assert_close(yc, ye)
-        torch.testing.assert_close(xc.grad, xe.grad)
-        torch.testing.assert_close(compiled_module.conv.weight.grad, eager.conv.weight.grad)
-    torch.testing.assert_close(compiled_module.bn.running_mean, eager.bn.running_mean)
+        torch.testing.assert_close(yc, ye, **tol)
+        torch.testing.assert_close(xc.grad, xe.grad, **tol)
+        torch.testing.assert_close(compiled_module.conv.weight.grad, eager.conv.weight.grad, **tol)
+    torch.testing.assert_close(compiled_module.bn.running_mean, eager.bn.running_mean, **tol)
     assert int(compiled_module.bn.num_batches_tracked) == int(eager.bn.num_batches_tracked) == 2
 
 
-@pytest.mark.skipif(backend.INTERPRET, reason="exports the CPU path")
+@pytest.mark.both
 def test_torch_export_in_eval_mode():
-    block = TinyBlock().eval()
-    x = torch.randn(2, C, 8, 8)
+    """Exports without a break; on the Triton path the fused op is one node of the graph."""
+    block = TinyBlock().to(DEVICE).eval()
+    x = torch.randn(2, C, 8, 8, device=DEVICE)
     exported = torch.export.export(block, (x,))
     targets = {str(node.target) for node in exported.graph.nodes}
-    assert "fused_resnet.bn_add_relu_forward.default" in targets
+    assert ("fused_resnet.bn_add_relu_forward.default" in targets) == TRITON_PATH
     torch.testing.assert_close(exported.module()(x), block(x))
-
-
-@pytest.mark.both
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_float64_runs_at_float64_precision(training):
-    """float64 takes ATen's kernels on every device: the fp32 kernels would lose precision."""
-    args = {k: v.double() for k, v in bn_args().items()}
-    x = x_of(dtype=torch.float64).requires_grad_()
-    r = x_of(dtype=torch.float64).requires_grad_()
-    y = fused_resnet.bn_add_relu(x, r, **{k: v.clone() for k, v in args.items()}, training=training)
-    x2, r2 = f64(x, True), f64(r, True)
-    y2 = torch.relu(F.batch_norm(x2, *[v.clone() for v in args.values()], training=training) + r2)
-    y.sum().backward()
-    y2.sum().backward()
-    torch.testing.assert_close(y, y2, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-12, rtol=1e-12)
