@@ -1,0 +1,143 @@
+"""``nn.BatchNorm2d`` subclasses whose forward ends in a ReLU (and a shortcut add).
+
+- :class:`BatchNormReLU2d`: ``relu(bn(x))``.
+- :class:`BatchNormAddReLU2d`: ``relu(bn(x) + residual)``, or, given the shortcut's own
+  plain ``nn.BatchNorm2d`` as ``residual_bn``, ``relu(bn(x) + residual_bn(residual))``
+  in one fused op.
+
+Both keep ``nn.BatchNorm2d``'s constructor, parameters, buffers, state_dict keys and
+train/eval behaviour; only ``forward`` differs. A module that fuses the ReLU says so
+with the class attribute ``applies_relu = True``, which the fused blocks read.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from ..bn_add_relu import bn_add_bn_relu, bn_add_relu, bn_relu
+
+__all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "batch_norm_arguments", "has_hooks", "is_plain_batchnorm",
+           "residual_matches"]
+
+_BN = TypeVar("_BN", bound="nn.BatchNorm2d")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True when ``module`` has hooks that only its own ``__call__`` would run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks)
+
+
+def is_plain_batchnorm(module: Any) -> bool:
+    """True for an ``nn.BatchNorm2d`` itself (no subclass, no hooks): its math is known."""
+    return type(module) is nn.BatchNorm2d and not has_hooks(module)
+
+
+def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> Dict[str, Any]:
+    """The arguments ``_BatchNorm.forward`` would give ``F.batch_norm``, for the fused ops.
+
+    Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward``: batch statistics in
+    training or without running statistics; running statistics passed only when they
+    are used; ``num_batches_tracked`` passed only when training with running statistics
+    (the op increments it and reads it for ``momentum=None``).
+    """
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    counts_batches = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    momentum = bn.momentum
+    if momentum is None and not counts_batches:
+        # _BatchNorm's factor when it cannot count batches: the running stats stay as they are.
+        momentum = 0.0
+    return dict(
+        running_mean=bn.running_mean if use_running else None,
+        running_var=bn.running_var if use_running else None,
+        weight=bn.weight,
+        bias=bn.bias,
+        training=bn_training,
+        momentum=momentum,
+        eps=bn.eps,
+        num_batches_tracked=bn.num_batches_tracked if counts_batches else None,
+    )
+
+
+class _FusedBatchNorm2d(nn.BatchNorm2d):
+    """What the two fused BatchNorms share: the conversion from an existing BatchNorm2d."""
+
+    applies_relu = True
+
+    @classmethod
+    def from_batchnorm(cls: type[_BN], bn: nn.BatchNorm2d) -> _BN:
+        """A ``cls`` computing with ``bn``'s own parameters and buffers (the same tensors).
+
+        Nothing is copied or re-initialised: the new module shares ``bn``'s Parameter and
+        buffer objects (so an optimizer built on ``bn`` keeps working), its
+        hyper-parameters, its training mode and its hooks.
+        """
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(bn.__dict__)
+        # Own containers, shared tensors: later edits of one module do not reach the other.
+        for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            if name in bn.__dict__:
+                fused.__dict__[name] = type(bn.__dict__[name])(bn.__dict__[name])
+        return fused
+
+
+class BatchNormReLU2d(_FusedBatchNorm2d):
+    """``relu(nn.BatchNorm2d(x))`` in one fused op (``fused_resnet.bn_relu``).
+
+    Same constructor, parameters, buffers, state_dict keys and train/eval behaviour as
+    :class:`torch.nn.BatchNorm2d`.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        return bn_relu(input, **batch_norm_arguments(self))
+
+
+def residual_matches(residual: Any, input: Tensor) -> bool:
+    """True when the fused op can take ``residual`` as it is (no broadcast, no promotion)."""
+    return (isinstance(residual, Tensor) and residual.shape == input.shape
+            and residual.dtype == input.dtype and residual.device == input.device)
+
+
+class BatchNormAddReLU2d(_FusedBatchNorm2d):
+    """``relu(nn.BatchNorm2d(x) + residual)`` in one fused op (``fused_resnet.bn_add_relu``).
+
+    With ``residual_bn`` (the shortcut's own BatchNorm, e.g. ``downsample[1]`` of a
+    torchvision block) it computes ``relu(bn(x) + residual_bn(residual))`` in one op
+    (``fused_resnet.bn_add_bn_relu``), honouring ``residual_bn``'s own training mode,
+    running statistics, momentum and eps, and updating its buffers as its forward would.
+
+    Same constructor, parameters, buffers, state_dict keys and train/eval behaviour as
+    :class:`torch.nn.BatchNorm2d`.
+    """
+
+    @staticmethod
+    def can_fuse_residual_bn(residual_bn: Any) -> bool:
+        """True for a shortcut BatchNorm whose math this module computes itself.
+
+        Blocks ask this before passing ``residual_bn``; subclasses (SyncBatchNorm) widen it.
+        """
+        return is_plain_batchnorm(residual_bn)
+
+    def forward(self, input: Tensor, residual: Tensor, residual_bn: Optional[nn.BatchNorm2d] = None) -> Tensor:
+        self._check_input_dim(input)
+        if residual_bn is not None and not isinstance(residual_bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"residual_bn must be an nn.BatchNorm2d or None, got {type(residual_bn).__name__}")
+        if residual_bn is not None and not self.can_fuse_residual_bn(residual_bn):
+            # A subclass or a hooked module: only its own forward knows what it computes.
+            residual, residual_bn = residual_bn(residual), None
+        if not residual_matches(residual, input):
+            # Broadcasting or type promotion: eager PyTorch's unfused math, exactly.
+            out = nn.BatchNorm2d.forward(self, input)
+            return torch.relu(out + (residual if residual_bn is None else residual_bn(residual)))
+        if residual_bn is None:
+            return bn_add_relu(input, residual, **batch_norm_arguments(self))
+        residual_bn._check_input_dim(residual)
+        shortcut = {f"r_{name}": value for name, value in batch_norm_arguments(residual_bn).items()}
+        return bn_add_bn_relu(input, residual, **batch_norm_arguments(self), **shortcut)

@@ -1,0 +1,520 @@
+"""``convert(model)`` against the original model: torchvision ResNets, the seeds' blocks and
+ResNet-18, blocks that must be left alone, and the generic torch.fx rewrite.
+
+Every comparison deep-copies the original first (convert works in place) and runs both
+on the same input. On the PyTorch CPU path the fused ops call ATen's own kernels in the
+same order as eager PyTorch, so outputs, every gradient and every buffer must be
+*bitwise* the original's, in fp32 and in bf16. Through the Triton interpreter (one
+tiny resnet18, marked ``interpreter``) they are compared under stated tolerances.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models import resnet as tv
+
+import fused_resnet.nn as fnn
+from fused_resnet.convert import ConversionReport, convert
+from seed_blocks import (
+    ResBlk,
+    ResBlkStride,
+    Residual,
+    ReturningResBlk,
+    ResidualConv3x3Shortcut,
+    assert_results_match,
+    forward_backward,
+    randomize_batchnorms,
+    residual_block,
+    resnet18,
+)
+
+TORCHVISION_MODELS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
+# Blocks per model: (replaced blocks, blocks with a downsample).
+BLOCK_COUNTS = {"resnet18": (8, 3), "resnet34": (16, 3), "resnet50": (16, 4), "resnext50_32x4d": (16, 4),
+                "wide_resnet50_2": (16, 4)}
+INPUT = (2, 3, 64, 64)
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@functools.lru_cache(maxsize=1)
+def _pristine(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorms(getattr(torchvision.models, name)(weights=None))
+
+
+def torchvision_pair(name, dtype=torch.float32, memory_format=torch.contiguous_format, training=True):
+    """(original, converted): the same seeded weights; the original is an untouched deep copy."""
+    original = copy.deepcopy(_pristine(name)).to(dtype=dtype, memory_format=memory_format).train(training)
+    return original, convert(copy.deepcopy(original))
+
+
+def image(shape=INPUT, dtype=torch.float32, memory_format=torch.contiguous_format, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype=dtype, memory_format=memory_format)
+
+
+def assert_same_model_results(original, converted, x, steps=1):
+    for step in range(steps):
+        assert_results_match(forward_backward(converted, x, step), forward_backward(original, x, step))
+
+
+# ---------------------------------------------------------------------- torchvision ResNets
+
+
+def assert_converted_structure(name, converted):
+    """Every block replaced by its twin, the stem fused, nothing skipped, the report says so."""
+    blocks, downsampled = BLOCK_COUNTS[name]
+    report = converted.fused_resnet_report
+    assert isinstance(report, ConversionReport)
+    assert len(report.replaced) == blocks and len(report.fused) == 1 and not report.skipped
+    assert sum("shortcut BatchNorm fused" in entry.detail for entry in report.replaced) == downsampled
+    twin = fnn.FusedBasicBlock if name in ("resnet18", "resnet34") else fnn.FusedBottleneck
+    assert all(type(block) is twin for layer in (converted.layer1, converted.layer4) for block in layer)
+    assert type(converted) is tv.ResNet and type(converted.bn1) is fnn.BatchNormReLU2d
+    assert type(converted.relu) is nn.Identity
+    # The only plain BatchNorm2d left are the shortcuts', fused into their block's last op.
+    assert all(module_name.endswith("downsample.1") for module_name, m in converted.named_modules()
+               if type(m) is nn.BatchNorm2d)
+
+
+def train_then_eval(original, converted, dtype, memory_format, steps):
+    """``steps`` SGD steps, each compared in full (output, input and parameter gradients,
+    running statistics), then the state_dicts, then an eval-mode forward / backward."""
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+                  for m in (original, converted)]
+    for step in range(steps):
+        x = image(dtype=dtype, memory_format=memory_format, seed=step)
+        assert_results_match(forward_backward(converted, x, step), forward_backward(original, x, step))
+        for optimizer in optimizers:
+            optimizer.step()
+    expected, actual = original.state_dict(), converted.state_dict()
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+    assert int(converted.layer1[0].bn1.num_batches_tracked) == steps
+    original.eval()
+    converted.eval()
+    x = image(dtype=dtype, memory_format=memory_format, seed=steps)
+    assert_results_match(forward_backward(converted, x), forward_backward(original, x))
+
+
+@pytest.mark.parametrize("memory_format", FORMATS.values(), ids=FORMATS.keys())
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_torchvision_resnet_fp32_bitwise(name, memory_format):
+    """3 optimiser steps in NCHW (1 in channels_last, which shares all but the layout)."""
+    original, converted = torchvision_pair(name, memory_format=memory_format)
+    assert_converted_structure(name, converted)
+    steps = 3 if memory_format == torch.contiguous_format else 1
+    train_then_eval(original, converted, torch.float32, memory_format, steps)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_torchvision_resnet_bf16_bitwise(name):
+    original, converted = torchvision_pair(name, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    train_then_eval(original, converted, torch.bfloat16, torch.channels_last, steps=1)
+
+
+@pytest.mark.interpreter
+def test_resnet18_through_the_triton_interpreter():
+    """resnet18 with every tail on the Triton kernels, against eager PyTorch: a training
+    step (output, every gradient, running statistics), then eval. channels_last keeps the
+    interpreter fast; 64x64 keeps 2x2 pixels in layer4 (at 1x1 a batch of 2 gives
+    BatchNorms of 2 values, ill-conditioned enough that eager fp32 itself is 3e-2 off
+    float64)."""
+    original, converted = torchvision_pair("resnet18", memory_format=torch.channels_last)
+    x = image(memory_format=torch.channels_last)
+    # Measured, max|fused - eager| / max|eager| over every tensor: train 2.1e-5 (a bias
+    # gradient; output 3.5e-6, input gradient 1.1e-5, the same as eager's own distance to
+    # float64), eval 3.9e-6. The bound leaves a margin of ~5x.
+    assert_results_match(forward_backward(converted, x), forward_backward(original, x), tolerance=1e-4)
+    original.eval()
+    converted.eval()
+    assert_results_match(forward_backward(converted, x), forward_backward(original, x), tolerance=1e-4)
+
+
+# ------------------------------------------------------------------------ what is kept
+
+
+def test_convert_keeps_parameters_mode_device_dtype_and_memory_format():
+    model = _pristine("resnet18")
+    model = copy.deepcopy(model).to(dtype=torch.float64, memory_format=torch.channels_last).eval()
+    parameters, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    converted = convert(model)
+    assert converted is model
+    assert all(p is parameters[name] for name, p in converted.named_parameters())
+    assert all(b is buffers[name] for name, b in converted.named_buffers())
+    assert not any(m.training for m in converted.modules())
+    assert converted.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in converted.parameters())
+
+
+def test_convert_not_inplace_leaves_the_original_untouched():
+    model = copy.deepcopy(_pristine("resnet18"))
+    converted = convert(model, inplace=False)
+    assert converted is not model and type(model.layer1[0]) is tv.BasicBlock
+    assert not hasattr(model, "fused_resnet_report")
+    assert type(converted.layer1[0]) is fnn.FusedBasicBlock
+
+
+def test_convert_is_idempotent():
+    original, converted = torchvision_pair("resnet18")
+    again = convert(converted)
+    assert again is converted and len(again.fused_resnet_report) == 0
+    assert_same_model_results(original, again, image())
+
+
+def test_verbose_prints_the_report(capsys):
+    model = convert(copy.deepcopy(_pristine("resnet18")), verbose=True)
+    printed = capsys.readouterr().out
+    assert printed.strip() == str(model.fused_resnet_report).strip()
+    assert "fused-resnet: 8 replaced, 1 fused" in printed
+    assert "layer2.0  replaced  BasicBlock -> FusedBasicBlock (shortcut BatchNorm fused)" in printed
+
+
+def test_state_dict_round_trips_both_ways():
+    original, converted = torchvision_pair("resnet50", training=False)
+    # original -> converted: a torchvision checkpoint loads unchanged (strict).
+    fresh_converted = convert(torchvision.models.resnet50(weights=None).eval())
+    fresh_converted.load_state_dict(original.state_dict())
+    # converted -> original.
+    fresh_original = torchvision.models.resnet50(weights=None).eval()
+    fresh_original.load_state_dict(converted.state_dict())
+    x = image()
+    with torch.no_grad():
+        expected = original(x)
+        assert torch.equal(fresh_converted(x), expected) and torch.equal(fresh_original(x), expected)
+
+
+def test_deepcopy_and_pickle_of_a_converted_model():
+    original, converted = torchvision_pair("resnet18", training=False)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    clones = [copy.deepcopy(converted), pickle.loads(pickle.dumps(converted)), torch.load(buffer, weights_only=False)]
+    x = image()
+    with torch.no_grad():
+        expected = original(x)
+        for clone in clones:
+            assert type(clone.layer2[0]) is fnn.FusedBasicBlock
+            assert len(clone.fused_resnet_report) == len(converted.fused_resnet_report)
+            assert torch.equal(clone(x), expected)
+
+
+# ---------------------------------------------------------------------------- the seeds
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("block", [
+    lambda: Residual(3, 3),
+    lambda: Residual(3, 6, use_1x1conv=True, strides=2),
+    lambda: ResidualConv3x3Shortcut(3, 6, use_1x1conv=True, strides=2),
+    lambda: ResidualConv3x3Shortcut(6, 6),
+    lambda: residual_block(3, 6),
+], ids=["residual", "residual_1x1_stride2", "residual_3x3_shortcut_stride2", "residual_relu_module", "note002"])
+def test_seed_blocks_become_fused_residual(block, training):
+    original = randomize_batchnorms(block()).train(training)
+    converted = convert(copy.deepcopy(original))
+    assert type(converted) is fnn.FusedResidual
+    assert converted.fused_resnet_report.entry("").action == "replaced"
+    assert list(converted.state_dict()) == list(original.state_dict())
+    assert_same_model_results(original, converted, torch.randn(2, original.conv1.in_channels, 6, 6))
+
+
+@pytest.mark.parametrize("residual,size", [(Residual, 96), (Residual, 224), (ResidualConv3x3Shortcut, 96)],
+                         ids=["note001-96", "note001-224", "note003-96"])
+def test_seed_resnet18(residual, size):
+    """The 1-channel ResNet-18 of the notes, 10 classes, on the notes' 1x1xHxW input:
+    two training steps, then eval."""
+    torch.manual_seed(0)
+    original = randomize_batchnorms(resnet18(residual))
+    converted = convert(copy.deepcopy(original))
+    report = converted.fused_resnet_report
+    assert len(report.replaced) == 8 and report.entry("0.1").action == "fused" and not report.skipped
+    assert type(converted[0][1]) is fnn.BatchNormReLU2d and type(converted[0][2]) is nn.Identity
+    x = torch.rand(1, 1, size, size)
+    assert_same_model_results(original, converted, x, steps=2)
+    original.eval()
+    converted.eval()
+    with torch.no_grad():
+        out = converted(x)
+        assert out.shape == (1, 10) and torch.equal(out, original(x))
+
+
+# ----------------------------------------------------------------- blocks left alone
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation: relu(bn) before each conv, and nothing after the add."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(channels), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + x
+
+
+class BatchNormUsedTwice(tv.BasicBlock):
+    """bn2's output feeds the add and the shortcut: it cannot be fused away."""
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x + out.mean()))
+
+
+class DataDependentBlock(tv.BasicBlock):
+    """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out if out.sum() > 0 else -out
+
+
+class TrainingBranchBlock(tv.BasicBlock):
+    """A forward that branches on self.training: a traced graph would freeze one branch."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return F.dropout(out, 0.5, self.training)
+
+
+class HookedBlock(tv.BasicBlock):
+    pass
+
+
+class InplaceIntoInputBlock(tv.BasicBlock):
+    """``x += out`` writes into the caller's tensor: a fused block would not."""
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        x += out
+        return self.relu(x)
+
+
+def hooked_block(channels):
+    block = HookedBlock(channels, channels)
+    block.register_forward_hook(lambda module, args, out: None)
+    return block
+
+
+LEFT_ALONE = {
+    "relu_before_add": (lambda: ResBlkStride(8, 8), "a ReLU comes before the add"),
+    "no_return": (lambda: ResBlk(8, 8), "returns None"),
+    "pre_activation": (lambda: PreActBlock(8), "not a ReLU"),
+    "bn_used_twice": (lambda: BatchNormUsedTwice(8, 8), "'bn2' is used 2 times"),
+    "untraceable": (lambda: DataDependentBlock(8, 8), "torch.fx cannot trace"),
+    "training_branch": (lambda: TrainingBranchBlock(8, 8), "depends on self.training"),
+    "hooks": (lambda: hooked_block(8), "has hooks"),
+    "inplace_into_input": (lambda: InplaceIntoInputBlock(8, 8), "in place"),
+}
+
+
+class Holder(nn.Module):
+    """A stem (fused) before the block under test, and a head after it."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.block = block
+
+    def forward(self, x):
+        out = self.block(self.relu(self.bn(self.conv(x))))
+        return out if out is None else out.mean((2, 3))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", LEFT_ALONE.values(), ids=LEFT_ALONE.keys())
+def test_blocks_that_must_be_left_alone(case, training, capsys):
+    make_block, reason = case
+    torch.manual_seed(0)
+    original = randomize_batchnorms(Holder(make_block())).train(training)
+    converted = convert(copy.deepcopy(original))
+    block_type = type(original.block)
+    assert type(converted.block) is block_type
+    assert [type(m) for m in converted.block.modules()] == [type(m) for m in original.block.modules()]
+    assert type(converted.bn) is fnn.BatchNormReLU2d  # the rest of the model is still converted
+    entries = [e for e in converted.fused_resnet_report.skipped if e.name.startswith("block")]
+    assert entries and reason in entries[0].detail, [str(e) for e in entries]
+    capsys.readouterr()  # ResBlkStride prints while traced: nothing of it may leak
+    x = torch.randn(2, 3, 6, 6)
+    if isinstance(original.block, InplaceIntoInputBlock):
+        x.requires_grad_(False)
+        with torch.no_grad():
+            assert torch.equal(converted(x.clone()), original(x.clone()))
+        return
+    assert_same_model_results(original, converted, x)
+
+
+def test_tracing_prints_nothing(capsys):
+    convert(Holder(ResBlkStride(8, 8)))
+    assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------- generic torch.fx rewrite
+
+
+class TimmStyleBlock(nn.Module):
+    """timm's BasicBlock layout: Identity drop_block / aa, separate act modules, None se."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.drop_block = nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.aa = nn.Identity()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.se = None
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_path = None
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        x = self.act2(x)
+        return x
+
+
+class FunctionalStem(nn.Module):
+    """A stem whose ReLU is functional: its forward is rewritten, not its modules swapped."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head_bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        stem = F.relu(self.bn(self.conv(x)), inplace=True)
+        return self.head_bn(stem).mean((2, 3))  # head_bn feeds no ReLU: it stays
+
+
+def test_same_block_under_other_names_is_rewritten_with_fx():
+    torch.manual_seed(0)
+    original = randomize_batchnorms(nn.Sequential(ReturningResBlk(3, 8), ReturningResBlk(8, 8)))
+    converted = convert(copy.deepcopy(original))
+    assert all(isinstance(block, torch.fx.GraphModule) for block in converted)
+    assert type(converted[0].bn1) is fnn.BatchNormReLU2d and type(converted[0].bn2) is fnn.BatchNormAddReLU2d
+    assert type(converted[0].extra[1]) is nn.BatchNorm2d
+    assert list(converted.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    assert_same_model_results(original, converted, x)
+    clone = pickle.loads(pickle.dumps(converted))
+    assert list(clone.state_dict()) == list(original.state_dict())
+    assert_same_model_results(original, clone, x)
+
+
+def test_timm_style_block_becomes_fused_basic_block():
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(4, 8, 1, 2, bias=False), nn.BatchNorm2d(8))
+    original = randomize_batchnorms(nn.Sequential(TimmStyleBlock(4, 8, 2, ds), TimmStyleBlock(8, 8)))
+    converted = convert(copy.deepcopy(original))
+    assert [type(block) for block in converted] == [fnn.FusedBasicBlock, fnn.FusedBasicBlock]
+    assert_same_model_results(original, converted, torch.randn(2, 4, 8, 8))
+
+
+def test_functional_relu_stem_is_rewritten_with_fx():
+    original = randomize_batchnorms(FunctionalStem())
+    converted = convert(copy.deepcopy(original))
+    assert isinstance(converted, torch.fx.GraphModule) and type(converted.bn) is fnn.BatchNormReLU2d
+    assert type(converted.head_bn) is nn.BatchNorm2d
+    assert "not a ReLU" in converted.fused_resnet_report.entry("head_bn").detail
+    assert list(converted.state_dict()) == list(original.state_dict())
+    for training in (True, False):
+        original.train(training)
+        converted.train(training)
+        assert_same_model_results(original, converted, torch.randn(2, 3, 5, 5))
+
+
+def test_shared_batchnorm_is_left_alone():
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bn, nn.ReLU(), nn.Conv2d(3, 3, 1), bn, nn.ReLU())
+    converted = convert(copy.deepcopy(model))
+    assert [type(m) for m in converted] == [type(m) for m in model]
+    assert "more than one place" in converted.fused_resnet_report.entry("1").detail
+
+
+class ReachesIntoChild(nn.Module):
+    """Calls ``seq[1]`` (a BatchNorm) directly as well as ``seq`` as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+
+    def forward(self, x):
+        return self.seq[1](x) + self.seq(x)
+
+
+class UnregisteredModule(nn.Module):
+    """Keeps its ReLU in a Python list: torch.fx cannot trace the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.hidden = [nn.ReLU()]
+
+    def forward(self, x):
+        return self.hidden[0](self.bn(x))
+
+
+class WritesAttribute(nn.Module):
+    """Stores its input: tracing would store a proxy."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        self.last_input = x
+        return F.relu(self.bn(x))
+
+
+@pytest.mark.parametrize("make,bn_name,reason", [
+    (ReachesIntoChild, "seq.1", "more than one place"),
+    (UnregisteredModule, "bn", "torch.fx cannot trace"),
+    (WritesAttribute, "bn", "writes module attributes"),
+], ids=["reaches_into_child", "unregistered_module", "writes_attribute"])
+def test_batchnorm_next_to_a_relu_left_alone_when_unprovable(make, bn_name, reason):
+    original = randomize_batchnorms(make())
+    converted = convert(copy.deepcopy(original))
+    assert type(converted.get_submodule(bn_name)) is nn.BatchNorm2d
+    entry = converted.fused_resnet_report.entry(bn_name)
+    assert entry.action == "skipped" and reason in entry.detail, entry
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(converted(x), original(x))
+    assert not hasattr(converted, "last_input") or isinstance(converted.last_input, torch.Tensor)
+
+
+def test_convert_rejects_a_non_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        convert(lambda x: x)
