@@ -321,3 +321,44 @@ def test_torch_export_in_eval_mode():
     targets = {str(node.target) for node in exported.graph.nodes}
     assert ("fused_resnet.bn_add_relu_forward.default" in targets) == TRITON_PATH
     torch.testing.assert_close(exported.module()(x), block(x))
+
+
+def small_resnet():
+    """A stem and two torchvision BasicBlocks, one with a conv + BatchNorm downsample."""
+    from torchvision.models.resnet import BasicBlock
+
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1, 2, bias=False), torch.nn.BatchNorm2d(8))
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               BasicBlock(4, 8, 2, downsample), BasicBlock(8, 8)).to(DEVICE)
+
+
+@pytest.mark.both
+def test_converted_model_compiles_fullgraph_with_the_same_numbers():
+    import copy
+
+    original = small_resnet()
+    fused = fused_resnet.convert(copy.deepcopy(original))
+    compiled_module = copy.deepcopy(fused)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    for step in range(2):
+        outs = [m(x) for m in (compiled, fused, original)]
+        for y in outs:
+            y.sum().backward()
+        # Compiling changes nothing: the fused ops are single graph nodes (or, on the CPU
+        # path, the same ATen calls).
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(compiled_module[0].weight.grad, fused[0].weight.grad)
+        assert_close(outs[1], outs[2].double(), torch.float32, "fused vs original")
+    assert torch.equal(compiled_module[3].bn2.running_var, fused[3].bn2.running_var)
+
+
+@pytest.mark.both
+def test_converted_model_exports_in_eval_mode():
+    import copy
+
+    original = small_resnet().eval()
+    fused = fused_resnet.convert(copy.deepcopy(original))
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    exported = torch.export.export(fused, (x,))
+    assert_close(exported.module()(x), original(x).double(), torch.float32, "exported vs original")
