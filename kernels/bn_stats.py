@@ -78,6 +78,7 @@ def bn_stats_finalize_kernel(
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
     C, stride_c, num_partials, count, momentum, eps,
     STORE_VAR: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -105,6 +106,12 @@ def bn_stats_finalize_kernel(
     tl.store(invstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
     if STORE_VAR:
         tl.store(var_ptr + c, var, mask=c_mask)
+
+    if COUNT_BATCH:
+        # num_batches_tracked += 1, by one program. Only with a fixed momentum: nothing
+        # here reads the counter then (momentum=None counts before this launch instead).
+        if tl.program_id(0) == 0:
+            tl.store(num_batches_tracked_ptr, tl.load(num_batches_tracked_ptr) + 1)
 
     if UPDATE_RUNNING:
         if CUMULATIVE:
@@ -156,16 +163,19 @@ def bn_stats(
     invstd = torch.empty_like(mean)
     var = torch.empty_like(mean) if return_var else mean
     update = running_mean is not None
-    if update and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    counts = update and num_batches_tracked is not None
     cumulative = update and momentum is None
+    if counts and cumulative:
+        # The factor 1 / num_batches_tracked needs the new count in every program.
+        num_batches_tracked.add_(1)
     bn_stats_finalize_kernel[(triton.cdiv(layout.C, FINALIZE_BLOCK_C),)](
         partials, x, mean, invstd, var,
         running_mean if update else mean, running_var if update else invstd,
-        num_batches_tracked if cumulative else mean,
+        num_batches_tracked if counts else mean,
         layout.C, stride_c, plan.num_partials, float(layout.N * layout.HW),
         0.0 if momentum is None else float(momentum), float(eps),
         STORE_VAR=return_var, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
+        COUNT_BATCH=counts and not cumulative,
         BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
     )
     return (mean, invstd, var) if return_var else (mean, invstd)
