@@ -1,6 +1,7 @@
 """Float64 references for the fused ops, and per-dtype tolerances."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -54,3 +55,23 @@ def reference_bn(x, running_mean, running_var, weight, bias, training, momentum,
             momentum = 1.0 / float(num_batches_tracked)
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, 0.0 if momentum is None else momentum,
                         eps)
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    """Every Tensor method that copies a value to the host raises inside the block."""
+    names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name}")
+        return method
+
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

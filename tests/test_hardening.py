@@ -1,7 +1,6 @@
 """Bad input, edge shapes, NaN/Inf, host syncs, property tests, torch.compile and torch.export."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from hypothesis import strategies as st
 
 import fused_resnet
 from fused_resnet import backend
-from reference import DEVICE, TRITON_PATH, assert_close, f64
+from reference import DEVICE, TRITON_PATH, assert_close, f64, forbid_host_sync
 
 C = 3
 
@@ -144,24 +143,6 @@ def test_nan_and_inf_propagate_as_in_pytorch(training, value):
 # ------------------------------------------------------------------- no host syncs
 
 
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Every Tensor method that copies a value to the host raises inside the block."""
-    names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise AssertionError(f"host synchronisation: Tensor.{name}")
-        return method
-
-    for n in names:
-        setattr(torch.Tensor, n, refuse(n))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 @pytest.mark.both

@@ -15,7 +15,6 @@ TRITON_INTERPRET=1, which the spawned processes inherit.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Dict
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed_helpers import CollectiveCounter, cpu_sync_batchnorm, run_distributed
+from reference import forbid_host_sync
 from fused_resnet import backend
 from fused_resnet.nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck
@@ -391,24 +391,6 @@ def test_ddp_converted_models_process_groups_and_fallback(world):
 # --------------------------------------------------------------- Triton path (interpreter)
 
 
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Every Tensor method that copies a value to the host raises inside the block."""
-    names = ["item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise AssertionError(f"host synchronisation: Tensor.{name}")
-        return method
-
-    for n in names:
-        setattr(torch.Tensor, n, refuse(n))
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def triton_worker(rank, world) -> Dict[str, float]:
