@@ -44,16 +44,20 @@ OP_PASSES = {op: PASSES for op in OPS[:-1]} | {"add_relu": ("forward_eval", "bac
 # Traffic in units of T (bytes of one activation tensor).
 # The least any implementation moves without keeping a whole activation on chip: training
 # needs the statistics before normalising and the gradient sums before dx (two passes over
-# x, and over dy / y / x); eval is one pass. The ReLU mask is read from the saved output.
+# x, and over dy and x); eval is one pass. In training the ReLU mask can be recomputed
+# from the saved inputs (bn_relu, bn_add_bn_relu), where bn_add_relu, whose residual is
+# not saved, reads the saved output.
 MINIMUM = {
-    "bn_relu": {"forward_train": 3, "forward_eval": 2, "backward_train": 7, "backward_eval": 4},
+    "bn_relu": {"forward_train": 3, "forward_eval": 2, "backward_train": 5, "backward_eval": 4},
     "bn_add_relu": {"forward_train": 4, "forward_eval": 3, "backward_train": 7, "backward_eval": 5},
-    "bn_add_bn_relu": {"forward_train": 5, "forward_eval": 3, "backward_train": 10, "backward_eval": 6},
+    "bn_add_bn_relu": {"forward_train": 5, "forward_eval": 3, "backward_train": 8, "backward_eval": 6},
     "add_relu": {"forward_eval": 3, "backward_eval": 3},
 }
-# The budget the fused kernels were designed to, and what eager PyTorch was expected to move.
+# What the fused kernels move by design (issue 2 budgeted 7T for the bn_relu backward,
+# which reads y; recomputing the mask from x brought it to 5T), and what eager PyTorch
+# was expected to move.
 FUSED_BUDGET = {
-    "bn_relu": {"forward_train": 3, "forward_eval": 2, "backward_train": 7},
+    "bn_relu": {"forward_train": 3, "forward_eval": 2, "backward_train": 5},
     "bn_add_relu": {"forward_train": 4, "forward_eval": 3, "backward_train": 7},
 }
 EAGER_BUDGET = {

@@ -55,19 +55,33 @@ def tile(num_rows, row_len, C, CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.cons
 
 
 @triton.jit
-def normalize(v, c, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
-              FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """(v - mean[c]) * invstd[c] * w[c] + b[c], in fp32; FROM_VAR: invstd_ptr holds var."""
+def channel_affine(c, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
+                   FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-channel (mean, scale, shift) of bn(v) = (v - mean) * scale + shift, in fp32.
+
+    scale = invstd * w, shift = b; FROM_VAR: invstd_ptr holds the variance."""
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(invstd_ptr + c, mask=mask, other=1.0).to(tl.float32)
     if FROM_VAR:
         scale = 1.0 / tl.sqrt(scale + eps)
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
-    out = (v - mean) * scale
+    shift = 0.0
     if HAS_BIAS:
-        out = out + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    return out
+        shift = tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    return mean, scale, shift
+
+
+@triton.jit
+def normalize(v, mean, scale, shift):
+    # One expression for the forward and for the backward's recomputation, so both round alike.
+    return (v - mean) * scale + shift
+
+
+@triton.jit
+def relu_stored(pre, OUT_DTYPE: tl.constexpr):
+    """relu(pre) as the forward stores it: NaN kept (not tl.maximum), rounded to OUT_DTYPE."""
+    return tl.where(pre < 0.0, 0.0, pre).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -83,24 +97,43 @@ def bn_add_relu_forward_kernel(
 ):
     offsets, mask, c, c_mask = tile(num_rows, row_len, C, CHANNEL_IS_COL, BLOCK_ROWS, BLOCK_COLS)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    y = normalize(x, c, c_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps, FROM_VAR, HAS_WEIGHT, HAS_BIAS)
+    mean, scale, shift = channel_affine(c, c_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
+                                        FROM_VAR, HAS_WEIGHT, HAS_BIAS)
+    pre = normalize(x, mean, scale, shift)
     if RESIDUAL == 1:
-        y += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        pre += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RESIDUAL == 2:
         r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        y += normalize(r, c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, r_eps,
-                       R_FROM_VAR, R_HAS_WEIGHT, R_HAS_BIAS)
-    # Not tl.maximum: relu must keep NaN as NaN, as torch.relu does.
-    y = tl.where(y < 0.0, 0.0, y)
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+        r_mean, r_scale, r_shift = channel_affine(c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, r_eps,
+                                                  R_FROM_VAR, R_HAS_WEIGHT, R_HAS_BIAS)
+        pre += normalize(r, r_mean, r_scale, r_shift)
+    tl.store(y_ptr + offsets, relu_stored(pre, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def relu_grad(dy, y, x, r, mean, scale, shift, r_mean, r_scale, r_shift,
+              MASK_FROM_INPUTS: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr, Y_DTYPE: tl.constexpr):
+    """g = dy where the stored y > 0, else 0 (NaN passes dy, as in threshold_backward).
+
+    MASK_FROM_INPUTS: y is not read but recomputed from x (and r) with the forward's own
+    expression and rounding, so the mask is bitwise the stored output's.
+    """
+    if MASK_FROM_INPUTS:
+        pre = normalize(x, mean, scale, shift)
+        if RESIDUAL_IS_BN:
+            pre += normalize(r, r_mean, r_scale, r_shift)
+        y = relu_stored(pre, Y_DTYPE).to(tl.float32)
+    return tl.where(y <= 0.0, 0.0, dy)
 
 
 @triton.jit
 def bn_add_relu_backward_reduce_kernel(
-    dy_ptr, y_ptr, x_ptr, mean_ptr, r_ptr, r_mean_ptr, g_ptr, partial_ptr,
+    dy_ptr, y_ptr, x_ptr, r_ptr, g_ptr, partial_ptr,
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
     N, C, HW, stride_n, stride_c, stride_hw,
     rows_per_program, blocks_per_span, spans_per_image,
-    STORE_G: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr,
+    STORE_G: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr, MASK_FROM_INPUTS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, R_HAS_WEIGHT: tl.constexpr, R_HAS_BIAS: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -108,9 +141,12 @@ def bn_add_relu_backward_reduce_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     hw = tl.arange(0, BLOCK_HW)
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    mean, scale, shift = channel_affine(c[None, :], c_mask[None, :], mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
+                                        False, HAS_WEIGHT, HAS_BIAS)
+    r_mean, r_scale, r_shift = mean, scale, shift
     if RESIDUAL_IS_BN:
-        r_mean = tl.load(r_mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        r_mean, r_scale, r_shift = channel_affine(c[None, :], c_mask[None, :], r_mean_ptr, r_invstd_ptr, r_w_ptr,
+                                                  r_b_ptr, 0.0, False, R_HAS_WEIGHT, R_HAS_BIAS)
 
     acc_g = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     acc_gx = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
@@ -123,16 +159,21 @@ def bn_add_relu_backward_reduce_kernel(
                                                  stride_hw, spans_per_image, BLOCK_HW * blocks_per_span)
             mask = pix_mask[:, None] & c_mask[None, :] & (row < num_rows)
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            g = tl.where(y <= 0.0, 0.0, dy)  # as threshold_backward: NaN passes dy
+            r = 0.0
+            if RESIDUAL_IS_BN:
+                r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            y = 0.0
+            if not MASK_FROM_INPUTS:
+                y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = relu_grad(dy, y, x, r, mean, scale, shift, r_mean, r_scale, r_shift,
+                          MASK_FROM_INPUTS, RESIDUAL_IS_BN, y_ptr.dtype.element_ty)
             if STORE_G:
                 tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
             acc_g += g
-            acc_gx += tl.where(mask, g * (x - mean[None, :]), 0.0)
+            acc_gx += tl.where(mask, g * (x - mean), 0.0)
             if RESIDUAL_IS_BN:
-                r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                acc_gr += tl.where(mask, g * (r - r_mean[None, :]), 0.0)
+                acc_gr += tl.where(mask, g * (r - r_mean), 0.0)
 
     # Partials are laid out [num_partials, 3, C]: sum g, sum g*(x-mean), sum g*(r-r_mean).
     out = partial_ptr + pid_p.to(tl.int64) * 3 * C + c
@@ -186,52 +227,58 @@ def bn_add_relu_backward_finalize_kernel(
 
 
 @triton.jit
-def bn_input_grad(g, v, c, mask, mean_ptr, invstd_ptr, w_ptr, sum_g_ptr, sum_gv_ptr, count,
-                  TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """d(input) of y = bn(v) given g = dy/dy_bn; training also carries the batch-stat terms."""
-    invstd = tl.load(invstd_ptr + c, mask=mask, other=0.0)
-    k = invstd
-    if HAS_WEIGHT:
-        k = k * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+def bn_input_grad(g, v, c, mask, mean, scale, invstd, sum_g_ptr, sum_gv_ptr, count, TRAINING: tl.constexpr):
+    """d(input) of bn(v) = (v - mean) * scale + shift given g = d(bn(v)), scale = invstd * w;
+    training also carries the terms of the batch statistics."""
     if TRAINING:
-        mean = tl.load(mean_ptr + c, mask=mask, other=0.0)
         mean_g = tl.load(sum_g_ptr + c, mask=mask, other=0.0) / count
         mean_gv = tl.load(sum_gv_ptr + c, mask=mask, other=0.0) / count
-        return k * (g - mean_g - (v - mean) * invstd * invstd * mean_gv)
-    return k * g
+        return scale * (g - mean_g - (v - mean) * invstd * invstd * mean_gv)
+    return scale * g
 
 
 @triton.jit
 def bn_add_relu_backward_dx_kernel(
-    dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sums_ptr,
-    r_ptr, dr_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr,
+    dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, r_ptr, dr_ptr, sums_ptr,
+    mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
     num_rows, row_len, C, count,
-    G_FROM_BUFFER: tl.constexpr, STORE_G: tl.constexpr, TRAINING: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr, R_TRAINING: tl.constexpr,
-    R_HAS_WEIGHT: tl.constexpr,
+    G_FROM_BUFFER: tl.constexpr, STORE_G: tl.constexpr, MASK_FROM_INPUTS: tl.constexpr,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RESIDUAL_IS_BN: tl.constexpr, R_TRAINING: tl.constexpr, R_HAS_WEIGHT: tl.constexpr, R_HAS_BIAS: tl.constexpr,
     CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     offsets, mask, c, c_mask = tile(num_rows, row_len, C, CHANNEL_IS_COL, BLOCK_ROWS, BLOCK_COLS)
+    mean, scale, shift = channel_affine(c, c_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
+                                        False, HAS_WEIGHT, HAS_BIAS)
+    r_mean, r_scale, r_shift = mean, scale, shift
+    if RESIDUAL_IS_BN:
+        r_mean, r_scale, r_shift = channel_affine(c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, 0.0,
+                                                  False, R_HAS_WEIGHT, R_HAS_BIAS)
+    # Eval: dx = g * w * invstd needs no x (a read of T saved); likewise r.
+    x = 0.0
+    if TRAINING:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    r = 0.0
+    if RESIDUAL_IS_BN and R_TRAINING:
+        r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if G_FROM_BUFFER:
         g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     else:
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(y <= 0.0, 0.0, dy)  # as threshold_backward: NaN passes dy
+        y = 0.0
+        if not MASK_FROM_INPUTS:
+            y = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = relu_grad(dy, y, x, r, mean, scale, shift, r_mean, r_scale, r_shift,
+                      MASK_FROM_INPUTS, RESIDUAL_IS_BN, y_ptr.dtype.element_ty)
         if STORE_G:
             tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
-    x = 0.0
-    if TRAINING:  # eval: dx = g * w * invstd needs no x (saves a read of T)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dx = bn_input_grad(g, x, c, c_mask, mean_ptr, invstd_ptr, w_ptr, sums_ptr, sums_ptr + C, count,
-                       TRAINING, HAS_WEIGHT)
+    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    dx = bn_input_grad(g, x, c, c_mask, mean, scale, invstd, sums_ptr, sums_ptr + C, count, TRAINING)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RESIDUAL_IS_BN:
-        r = 0.0
-        if R_TRAINING:
-            r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        dr = bn_input_grad(g, r, c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, sums_ptr, sums_ptr + 2 * C,
-                           count, R_TRAINING, R_HAS_WEIGHT)
+        r_invstd = tl.load(r_invstd_ptr + c, mask=c_mask, other=0.0)
+        dr = bn_input_grad(g, r, c, c_mask, r_mean, r_scale, r_invstd, sums_ptr, sums_ptr + 2 * C, count,
+                           R_TRAINING)
         tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
 
@@ -256,6 +303,23 @@ class ChannelNorm:
 def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     # Triton needs a pointer for every argument; flags keep the dummy unread.
     return fallback if t is None else t
+
+
+def _affine_args(norm: ChannelNorm) -> tuple:
+    """mean, invstd, weight, bias pointers of a ChannelNorm (absent ones: unread dummies)."""
+    return norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean)
+
+
+def can_mask_from_inputs(residual_mode: int, training: bool, r_training: bool = False) -> bool:
+    """Whether the backward can recompute the ReLU's input instead of reading y: when every
+    term of it is in the backward's hands with the forward's own statistics (batch
+    statistics; the eval forward turns the variance into invstd in-kernel, the backward
+    in ATen). A plain residual is not saved, so ``bn_add_relu`` reads y (and writes
+    d_residual in the same pass). Saves reading y in both passes: 7T -> 5T for
+    ``bn_relu``, 10T -> 8T for ``bn_add_bn_relu``."""
+    if residual_mode == RESIDUAL_NONE:
+        return training
+    return residual_mode == RESIDUAL_BN and training and r_training
 
 
 def bn_add_relu_forward(
@@ -304,6 +368,7 @@ def bn_add_relu_backward_sums(
     residual: Optional[torch.Tensor] = None,
     residual_norm: Optional[ChannelNorm] = None,
     need_param_grads: bool = True,
+    mask_from_inputs: bool = False,
 ):
     """The reduction pass of the backward: per-channel sums and parameter gradients.
 
@@ -311,6 +376,7 @@ def bn_add_relu_backward_sums(
     fp32 [3, C]: sum g, sum g*(x - mean), sum g*(r - r_mean) with g = dy where y > 0.
     For ``RESIDUAL_ADD`` d_residual (= g) is written here; otherwise it is None. The
     parameter gradients come from these sums (local ones, under SyncBatchNorm too).
+    ``mask_from_inputs`` (see ``can_mask_from_inputs``): y is recomputed, not read.
     """
     C = layout.C
     is_bn = residual_mode == RESIDUAL_BN
@@ -327,10 +393,13 @@ def bn_add_relu_backward_sums(
     partials = torch.empty((plan.num_partials, 3, C), device=x.device, dtype=torch.float32)
     sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
     bn_add_relu_backward_reduce_kernel[plan.grid](
-        dy, y, x, norm.mean, _or(residual, x), rn.mean, _or(d_res, x), partials,
+        dy, y, x, _or(residual, x), _or(d_res, x), partials,
+        *_affine_args(norm), *_affine_args(rn),
         layout.N, C, layout.HW, stride_n, stride_c, stride_hw,
         plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
-        STORE_G=d_res is not None, RESIDUAL_IS_BN=is_bn,
+        STORE_G=d_res is not None, RESIDUAL_IS_BN=is_bn, MASK_FROM_INPUTS=mask_from_inputs,
+        HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
+        R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
         BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
     )
     bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
@@ -358,6 +427,7 @@ def bn_add_relu_backward_dx(
     residual: Optional[torch.Tensor] = None,
     residual_norm: Optional[ChannelNorm] = None,
     r_training: bool = False,
+    mask_from_inputs: bool = False,
 ):
     """The elementwise pass of the backward: dx (and d_residual).
 
@@ -377,13 +447,15 @@ def bn_add_relu_backward_dx(
         return dx, d_res
     plan = elementwise_plan(layout)
     bn_add_relu_backward_dx_kernel[plan.grid](
-        dy, y, _or(d_res, x), x, dx, norm.mean, norm.invstd, _or(norm.weight, dx), _or(sums, dx),
-        _or(residual, x), _or(d_res, x), rn.mean, rn.invstd, _or(rn.weight, dx),
+        dy, y, _or(d_res, x), x, dx, _or(residual, x), _or(d_res, x), _or(sums, dx),
+        *_affine_args(norm), *_affine_args(rn),
         plan.num_rows, plan.row_len, layout.C, float(count),
         G_FROM_BUFFER=g_from_buffer,
         STORE_G=residual_mode == RESIDUAL_ADD and not g_from_buffer,
-        TRAINING=training, HAS_WEIGHT=norm.weight is not None,
-        RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training, R_HAS_WEIGHT=rn.weight is not None,
+        MASK_FROM_INPUTS=mask_from_inputs and not g_from_buffer,
+        TRAINING=training, HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
+        RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training,
+        R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
         CHANNEL_IS_COL=plan.channel_is_col, BLOCK_ROWS=plan.block_rows, BLOCK_COLS=plan.block_cols,
     )
     return dx, d_res
@@ -412,6 +484,7 @@ def bn_add_relu_backward(
     dense in ``layout``.
     """
     is_bn = residual_mode == RESIDUAL_BN
+    from_inputs = can_mask_from_inputs(residual_mode, training, r_training)
     sums = d_res = dw = db = r_dw = r_db = None
     if layout.numel == 0:
         # No elements: the sums are zero, and so are the parameter gradients.
@@ -423,8 +496,8 @@ def bn_add_relu_backward(
             r_dw, r_db = zeros(residual_norm.weight), zeros(residual_norm.bias)
     elif training or (is_bn and r_training) or need_param_grads:
         sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
-            dy, y, x, layout, norm, residual_mode, residual, residual_norm, need_param_grads)
+            dy, y, x, layout, norm, residual_mode, residual, residual_norm, need_param_grads, from_inputs)
     dx, d_res = bn_add_relu_backward_dx(
         dy, y, x, layout, norm, training, residual_mode, sums, layout.N * layout.HW, d_res,
-        residual, residual_norm, r_training)
+        residual, residual_norm, r_training, from_inputs)
     return dx, d_res, dw, db, r_dw, r_db
