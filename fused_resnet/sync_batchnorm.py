@@ -57,7 +57,8 @@ from torch import Tensor
 from . import backend
 from .bn_add_relu import _dense, bn_add_bn_relu, bn_add_relu, bn_relu
 from .kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE, ChannelNorm, as_layout, bn_stats, layout_of
-from .kernels.bn_add_relu import bn_add_relu_backward_dx, bn_add_relu_backward_sums, bn_add_relu_forward
+from .kernels.bn_add_relu import (bn_add_relu_backward_dx, bn_add_relu_backward_sums, bn_add_relu_forward,
+                                  can_mask_from_inputs)
 from .validation import check_activation, check_batch_norm_args, check_channel_param, check_like
 
 __all__ = [
@@ -318,6 +319,9 @@ def _backward_triton(cfg, count, dy, y, x, residual, weight, bias, r_weight, r_b
         residual = as_layout(residual, layout)
     norm = ChannelNorm(mean, invstd, weight, bias)
     r_norm = ChannelNorm(r_mean, r_invstd, r_weight, r_bias) if is_bn else None
+    training, r_training = cfg.x.stats != RUNNING, is_bn and cfg.r.stats != RUNNING
+    # The forward normalised with exactly these statistics: the ReLU mask can be recomputed.
+    from_inputs = can_mask_from_inputs(cfg.residual_mode, training, r_training)
     d_res = dw = db = r_dw = r_db = None
     if layout.numel == 0:
         # Nothing here, but the all_reduce below must still be joined.
@@ -331,7 +335,7 @@ def _backward_triton(cfg, count, dy, y, x, residual, weight, bias, r_weight, r_b
             r_dw, r_db = zeros(r_weight), zeros(r_bias)
     else:
         sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
-            dy, y, x, layout, norm, cfg.residual_mode, residual, r_norm, need_params)
+            dy, y, x, layout, norm, cfg.residual_mode, residual, r_norm, need_params, from_inputs)
     if not need_input:
         return None, None, dw, db, r_dw, r_db
     rows = 3 if is_bn else 2  # row 2 (sum g (r - r_mean)) exists only with a residual BatchNorm
@@ -340,8 +344,8 @@ def _backward_triton(cfg, count, dy, y, x, residual, weight, bias, r_weight, r_b
     # so the global count (a tensor) never visits the host.
     mean_sums = (sums.double() / total.clamp(min=1)).float()
     dx, d_res = bn_add_relu_backward_dx(
-        dy, y, x, layout, norm, cfg.x.stats != RUNNING, cfg.residual_mode, mean_sums, 1.0, d_res, residual, r_norm,
-        is_bn and cfg.r.stats != RUNNING)
+        dy, y, x, layout, norm, training, cfg.residual_mode, mean_sums, 1.0, d_res, residual, r_norm,
+        r_training, from_inputs)
     return dx, d_res, dw, db, r_dw, r_db
 
 
