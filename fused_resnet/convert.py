@@ -301,9 +301,15 @@ def _single_input(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+def _is_plain_identity(module: Optional[nn.Module]) -> bool:
+    """An ``nn.Identity`` without hooks: dropping its call changes nothing."""
+    return type(module) is nn.Identity and not has_hooks(module)
+
+
 def _skip_identities(root: nn.Module, node: fx.Node, seen: List[fx.Node]) -> fx.Node:
-    """Walks back through ``nn.Identity`` calls (timm's drop_block / aa), recording them."""
-    while type(_submodule(root, node)) is nn.Identity and _single_input(node) is not None:
+    """Walks back through hook-free ``nn.Identity`` calls (timm's drop_block / aa),
+    recording them; a hooked one stops the walk, so the block is not matched through it."""
+    while _is_plain_identity(_submodule(root, node)) and _single_input(node) is not None:
         seen.append(node)
         node = _single_input(node)
     return node
@@ -451,6 +457,9 @@ def twin_mismatch(block: nn.Module, twin: type) -> Optional[str]:
         return f"its (conv, norm) stages are {match.stage_names}, {twin.__name__}'s are {twin.stages}"
     if match.shortcut_name not in (None, twin.shortcut_name):
         return f"its shortcut is '{match.shortcut_name}', {twin.__name__}'s is '{twin.shortcut_name}'"
+    if match.shortcut_name is None and getattr(block, twin.shortcut_name, None) is not None:
+        # The twin would apply the module its forward leaves unused.
+        return f"its forward does not use its '{twin.shortcut_name}'"
     return None
 
 
@@ -605,10 +614,12 @@ class _Converter:
         """The fused class with this block's attribute names, or None."""
         candidates = [twin for twin in TWINS
                       if match.stage_names == twin.stages and match.shortcut_name in (None, twin.shortcut_name)]
-        for twin in candidates:  # an identity shortcut: prefer the class whose attribute the block has
+        for twin in candidates:
+            # An identity shortcut needs the twin's shortcut attribute to be None on the block
+            # too: a twin would apply a module the block's forward leaves unused.
             if match.shortcut_name is not None or getattr(module, twin.shortcut_name, 0) is None:
                 return twin
-        return candidates[0] if candidates else None
+        return None
 
     # -- BatchNorm -> ReLU outside blocks
 
@@ -682,7 +693,7 @@ class _Converter:
             # nn.Identity calls (timm's drop_block, aa) compute nothing: drop them so BatchNorm,
             # add and ReLU are adjacent. The modules stay registered.
             identity = _submodule(module, node)
-            if type(identity) is nn.Identity and not has_hooks(identity) and _single_input(node) is not None:
+            if _is_plain_identity(identity) and _single_input(node) is not None:
                 node.replace_all_uses_with(_single_input(node))
                 graph.erase_node(node)
         for fusion in fusions:

@@ -518,3 +518,62 @@ def test_batchnorm_next_to_a_relu_left_alone_when_unprovable(make, bn_name, reas
 def test_convert_rejects_a_non_module():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         convert(lambda x: x)
+
+
+class _HookedIdentityBlock(nn.Module):
+    """A torchvision-named block with an nn.Identity slot (timm's drop_block) on its main path."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.drop_block = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = None
+
+    def forward(self, x):
+        out = self.relu(self.drop_block(self.bn1(self.conv1(x))))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _UnusedDownsampleBlock(nn.Module):
+    """Registers a downsample that its forward leaves unused (use_proj=False)."""
+
+    def __init__(self, c=4, use_proj=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.downsample = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.use_proj = use_proj
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (self.downsample(x) if self.use_proj else x))
+
+
+def test_hooked_identity_on_the_main_path_keeps_its_hook():
+    """A hook on an nn.Identity between BatchNorm and ReLU must still run and still count."""
+    calls = []
+    original = _HookedIdentityBlock()
+    original.drop_block.register_forward_hook(lambda module, args, out: (calls.append(1), out + 1.0)[1])
+    converted = convert(copy.deepcopy(original))
+    x = image((2, 4, 6, 6))
+    expected = original(x)
+    calls.clear()
+    assert torch.equal(converted(x), expected) and calls == [1]
+
+
+def test_unused_downsample_is_not_applied_by_a_twin():
+    original = _UnusedDownsampleBlock()
+    converted = convert(copy.deepcopy(original))
+    assert not isinstance(converted, fnn.FusedBasicBlock)
+    x = image((2, 4, 6, 6))
+    assert torch.equal(converted(x), original(x))
+    assert int(converted.downsample[1].num_batches_tracked) == 0
+    with pytest.raises(ValueError):
+        fnn.FusedBasicBlock.from_block(_UnusedDownsampleBlock())
