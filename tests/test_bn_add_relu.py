@@ -196,3 +196,34 @@ def test_cpu_path_is_bitwise_eager(training):
     for a, b_ in [(y, y2), (x.grad, x2.grad), (r.grad, r2.grad), (w1.grad, w2.grad), (b1.grad, b2.grad),
                   (rm, rm2), (rv, rv2)]:
         assert torch.equal(a, b_)
+
+
+@pytest.mark.both
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["none", "add", "bn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_custom_ops_directly(mode, training):
+    """The registered ops themselves (reached by torch.compile / torch.export on the Triton
+    path; on the CPU the functions call ATen directly): schema, fake implementation and
+    autograd registration pass torch.library.opcheck, and the numbers are F.batch_norm's."""
+    x = make_input((2, 3, 4, 4), torch.float32, False, 1)
+    r = make_input((2, 3, 4, 4), torch.float32, False, 2)
+    rm, rv, w, b, nbt = make_bn_state(3, 1)
+    r_rm, r_rv, r_w, r_b, r_nbt = make_bn_state(3, 2)
+    r_state = (r_rm, r_rv, r_nbt, r_w, r_b) if mode == 2 else (None,) * 5
+    args = (x, rm, rv, nbt, w, b, training, 0.1, EPS, mode, r if mode else None, *r_state, training, 0.1, EPS)
+    fwd = torch.ops.fused_resnet.bn_add_relu_forward.default
+    torch.library.opcheck(fwd, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    y, mean, invstd, r_mean, r_invstd = fwd(*args)
+    pre = F.batch_norm(x.double(), f64(make_bn_state(3, 1)[0]), f64(make_bn_state(3, 1)[1]), f64(w), f64(b),
+                       training)
+    if mode == 1:
+        pre = pre + r.double()
+    elif mode == 2:
+        pre = pre + F.batch_norm(r.double(), f64(make_bn_state(3, 2)[0]), f64(make_bn_state(3, 2)[1]), f64(r_w),
+                                 f64(r_b), training)
+    assert_close(y, torch.relu(pre), torch.float32, "y")
+    bwd_args = (torch.ones_like(y), y, x, mean, invstd, rm, rv, w, b, training, EPS, mode, r if mode else None,
+                r_mean, r_invstd, r_state[0], r_state[1], r_state[3], r_state[4], training, EPS,
+                [True, True, mode == 2, mode == 2])
+    torch.library.opcheck(torch.ops.fused_resnet.bn_add_relu_backward.default, bwd_args)
+    torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (x, r))
