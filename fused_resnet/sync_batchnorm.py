@@ -322,20 +322,9 @@ def _backward_triton(cfg, count, dy, y, x, residual, weight, bias, r_weight, r_b
     training, r_training = cfg.x.stats != RUNNING, is_bn and cfg.r.stats != RUNNING
     # The forward normalised with exactly these statistics: the ReLU mask can be recomputed.
     from_inputs = can_mask_from_inputs(cfg.residual_mode, training, r_training)
-    d_res = dw = db = r_dw = r_db = None
-    if layout.numel == 0:
-        # Nothing here, but the all_reduce below must still be joined.
-        sums = x.new_zeros((3, layout.C), dtype=torch.float32)
-
-        def zeros(p):
-            return None if (p is None or not need_params) else torch.zeros_like(p)
-
-        dw, db = zeros(weight), zeros(bias)
-        if is_bn:
-            r_dw, r_db = zeros(r_weight), zeros(r_bias)
-    else:
-        sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
-            dy, y, x, layout, norm, cfg.residual_mode, residual, r_norm, need_params, from_inputs)
+    # An empty local batch gives zero sums (its reduction adds no rows) and still joins the all_reduce.
+    sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
+        dy, y, x, layout, norm, cfg.residual_mode, residual, r_norm, need_params, from_inputs)
     if not need_input:
         return None, None, dw, db, r_dw, r_db
     rows = 3 if is_bn else 2  # row 2 (sum g (r - r_mean)) exists only with a residual BatchNorm

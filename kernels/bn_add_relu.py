@@ -486,15 +486,9 @@ def bn_add_relu_backward(
     is_bn = residual_mode == RESIDUAL_BN
     from_inputs = can_mask_from_inputs(residual_mode, training, r_training)
     sums = d_res = dw = db = r_dw = r_db = None
-    if layout.numel == 0:
-        # No elements: the sums are zero, and so are the parameter gradients.
-        def zeros(p):
-            return None if (p is None or not need_param_grads) else torch.zeros_like(p)
-
-        dw, db = zeros(norm.weight), zeros(norm.bias)
-        if is_bn:
-            r_dw, r_db = zeros(residual_norm.weight), zeros(residual_norm.bias)
-    elif training or (is_bn and r_training) or need_param_grads:
+    # An empty batch needs no special case: its reduction adds no rows, so the sums and
+    # parameter gradients come out zero.
+    if training or (is_bn and r_training) or need_param_grads:
         sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
             dy, y, x, layout, norm, residual_mode, residual, residual_norm, need_param_grads, from_inputs)
     dx, d_res = bn_add_relu_backward_dx(

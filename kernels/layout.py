@@ -125,7 +125,7 @@ def reduction_plan(layout: Layout) -> ReductionPlan:
         # Pixels are contiguous: a long pixel tile for a couple of channels.
         block_c = 2
         block_hw = min(triton.next_power_of_2(max(layout.HW, 1)), 512)
-    blocks_per_span = min(triton.cdiv(layout.HW, block_hw), 8)
+    blocks_per_span = max(min(triton.cdiv(layout.HW, block_hw), 8), 1)  # >= 1: an empty image has a span too
     span = block_hw * blocks_per_span
     spans_per_image = triton.cdiv(layout.HW, span)
     rows = layout.N * spans_per_image
