@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from fused_resnet import backend
+
 # Where the tests put their tensors: the compiled kernels on a CUDA machine; here the CPU
 # path, or the interpreter in the TRITON_INTERPRET=1 process.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # True where tensors on DEVICE go through the Triton kernels.
-TRITON_PATH = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TRITON_PATH = DEVICE == "cuda" or backend.INTERPRET
 
 # Tolerances against a float64 reference, per activation dtype: (atol, rtol).
 # fp32 is limited by fp32 arithmetic. For fp16 / bf16 the Triton kernels round once (the
