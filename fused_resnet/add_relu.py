@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import backend
+from .bn_add_relu import _dense
 from .kernels import add_relu_backward, add_relu_forward, as_layout, layout_of
 from .validation import check_like
 
@@ -17,12 +18,8 @@ from .validation import check_like
 def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         return torch.add(a, b).relu_()
-    if a.dim() == 4:
-        a = a if a.is_contiguous(memory_format=torch.channels_last) else a.contiguous()
-        b = as_layout(b, layout_of(a))
-    else:
-        a, b = a.contiguous(), b.contiguous()
-    return add_relu_forward(a, b)
+    a = _dense(a) if a.dim() == 4 else a.contiguous()
+    return add_relu_forward(a, _in_layout_of(b, a))
 
 
 @add_relu_op.register_fake
@@ -34,13 +31,12 @@ def _(a, b):
 def add_relu_backward_op(dy: Tensor, y: Tensor) -> Tensor:
     if not backend.use_triton(y):
         return torch.ops.aten.threshold_backward(dy, y, 0)
-    return add_relu_backward(dy.contiguous(memory_format=_format_of(y)), y)
+    return add_relu_backward(_in_layout_of(dy, y), y)
 
 
-def _format_of(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def _in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` dense in ``ref``'s layout (``ref``: a dense 4-D tensor, or any contiguous one)."""
+    return as_layout(t, layout_of(ref)) if ref.dim() == 4 else t.contiguous()
 
 
 @add_relu_backward_op.register_fake
@@ -68,4 +64,7 @@ def add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not a.is_floating_point():
         raise RuntimeError(f"a must be a floating-point tensor, got {a.dtype}")
     check_like("b", b, a, x_name="a")
+    if not backend.use_triton(a):
+        # Eager's own ops, differentiated by autograd: no custom-op dispatch cost on the CPU.
+        return torch.add(a, b).relu_()
     return torch.ops.fused_resnet.add_relu(a, b)
