@@ -3,25 +3,49 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# torch 2.14.1 / torchvision 0.29.1 / triton 3.8.0 is the tested combination.
-PINS := torch==2.14.1 torchvision==0.29.1
+# The newest and the oldest torch / torchvision / triton that pyproject admits, each in
+# its own virtual environment: `make test` runs the first, `make test-oldest` the second.
+CONSTRAINTS := constraints/newest.txt
+OLDEST_VENV := .venv-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
+OLDEST_CONSTRAINTS := constraints/oldest.txt
 
-.PHONY: install test test-fast test-interpreter demo bench clean
+.PHONY: install install-oldest test test-oldest test-fast test-interpreter demo bench clean
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PINS)
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+# $(1): the virtual environment, $(2): its constraints file.
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -c $(2) torch torchvision triton
+	$(1)/bin/python -m pip install -q -c $(2) -e '.[test,bench]'
+	touch $(1)/.installed-stamp
+endef
+
+# $(1): the virtual environment. PyTorch-path and AOT-compile tests, then the Triton
+# kernels through the interpreter in their own process (TRITON_INTERPRET must be set
+# before import).
+define run_suite
+	$(1)/bin/python -m pytest -q -m "not interpreter" tests
+	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m "interpreter or both" tests
+endef
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(call make_venv,$(VENV),$(CONSTRAINTS))
+
+$(OLDEST_STAMP): pyproject.toml $(OLDEST_CONSTRAINTS)
+	$(call make_venv,$(OLDEST_VENV),$(OLDEST_CONSTRAINTS))
 
 install: $(STAMP)
 
-# The whole suite: PyTorch-path and AOT-compile tests, then the Triton kernels through
-# the interpreter in their own process (TRITON_INTERPRET must be set before import).
+install-oldest: $(OLDEST_STAMP)
+
+# The whole suite on the newest combination.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not interpreter" tests
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "interpreter or both" tests
+	$(call run_suite,$(VENV))
+
+# The whole suite on the oldest combination pyproject admits.
+test-oldest: $(OLDEST_STAMP)
+	$(call run_suite,$(OLDEST_VENV))
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not interpreter and not aot" tests
@@ -36,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .benchmarks

@@ -9,11 +9,31 @@
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Optional
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility() -> Optional[str]:
+    """Why Triton's interpreter cannot run the kernels with the installed packages, or None.
+
+    Triton 3.6's interpreter turns a 1-element array into a Python int for ``range()``,
+    which numpy >= 2.3 refuses; triton 3.7 squeezes the array first. The compiled GPU path
+    does not use the interpreter and is unaffected.
+    """
+    import numpy
+    import triton
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(triton.__version__) < (3, 7) and TorchVersion(numpy.__version__) >= (2, 3):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.3, "
+                f"found numpy {numpy.__version__}: install 'numpy<2.3' or triton >= 3.7, or run on a GPU")
+    return None
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -22,4 +42,9 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "cuda":
         return True
-    return INTERPRET and t.device.type == "cpu"
+    if INTERPRET and t.device.type == "cpu":
+        problem = interpreter_incompatibility()
+        if problem:
+            raise RuntimeError(problem)
+        return True
+    return False

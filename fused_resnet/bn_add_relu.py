@@ -95,6 +95,8 @@ def bn_add_relu_forward_op(
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
     num_batches_tracked: Optional[Tensor],
+    eval_mean: Optional[Tensor],
+    eval_var: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     training: bool,
@@ -105,14 +107,24 @@ def bn_add_relu_forward_op(
     r_running_mean: Optional[Tensor],
     r_running_var: Optional[Tensor],
     r_num_batches_tracked: Optional[Tensor],
+    r_eval_mean: Optional[Tensor],
+    r_eval_var: Optional[Tensor],
     r_weight: Optional[Tensor],
     r_bias: Optional[Tensor],
     r_training: bool,
     r_momentum: Optional[float],
     r_eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, mean, invstd, r_mean, r_invstd); the statistics are empty in eval."""
+    """Returns (y, mean, invstd, r_mean, r_invstd); the statistics are empty in eval.
+
+    A BatchNorm's running statistics come in the mutated ``running_*`` slots in training
+    (updated in place) and in the read-only ``eval_*`` slots in eval (see ``stat_slots``).
+    """
     is_bn = residual_mode == RESIDUAL_BN
+    if not training:
+        running_mean, running_var = eval_mean, eval_var
+    if not r_training:
+        r_running_mean, r_running_var = r_eval_mean, r_eval_var
     if not backend.use_triton(x):
         y, mean, invstd = _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias,
                                         training, momentum, eps)
@@ -143,9 +155,9 @@ def bn_add_relu_forward_op(
 
 
 @bn_add_relu_forward_op.register_fake
-def _(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,
-      residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
-      r_training, r_momentum, r_eps):
+def _(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight, bias, training, momentum,
+      eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var,
+      r_weight, r_bias, r_training, r_momentum, r_eps):
     C = x.shape[1]
 
     def stats(batch):
@@ -271,6 +283,17 @@ def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training,
 # ---------------------------------------------------------------------------- autograd
 
 
+def stat_slots(training: bool, running_mean, running_var, num_batches_tracked) -> tuple:
+    """The forward op's (mutated running_mean, running_var, num_batches_tracked, read-only
+    eval_mean, eval_var) for one BatchNorm. Only training writes the running statistics: in
+    eval they go in the read-only slots, so the call leaves their version counters alone and
+    a module used twice before one backward (weight sharing, two views, frozen statistics)
+    does not invalidate what its first call saved, as with eager ``F.batch_norm``."""
+    if training:
+        return running_mean, running_var, num_batches_tracked, None, None
+    return None, None, None, running_mean, running_var
+
+
 class BnAddReLUFunction(torch.autograd.Function):
     """Ties the forward op (which mutates the running statistics) to the backward op."""
 
@@ -280,8 +303,9 @@ class BnAddReLUFunction(torch.autograd.Function):
                 residual_mode, r_running_mean, r_running_var, r_num_batches_tracked,
                 r_training, r_momentum, r_eps):
         y, mean, invstd, r_mean, r_invstd = torch.ops.fused_resnet.bn_add_relu_forward(
-            x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,
-            residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+            x, *stat_slots(training, running_mean, running_var, num_batches_tracked), weight, bias, training,
+            momentum, eps, residual_mode, residual,
+            *stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked), r_weight, r_bias,
             r_training, r_momentum, r_eps)
         is_bn = residual_mode == RESIDUAL_BN
         # What eager PyTorch keeps alive: x and y (the ReLU mask), the residual only when it

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fused_resnet
 from fused_resnet import backend
+from fused_resnet.bn_add_relu import stat_slots
 from reference import DEVICE, assert_close, f64, reference_bn
 
 OPS = ["bn_relu", "bn_add_relu", "bn_add_bn_relu"]
@@ -210,7 +211,8 @@ def test_custom_ops_directly(mode, training):
     rm, rv, w, b, nbt = make_bn_state(3, 1)
     r_rm, r_rv, r_w, r_b, r_nbt = make_bn_state(3, 2)
     r_state = (r_rm, r_rv, r_nbt, r_w, r_b) if mode == 2 else (None,) * 5
-    args = (x, rm, rv, nbt, w, b, training, 0.1, EPS, mode, r if mode else None, *r_state, training, 0.1, EPS)
+    args = (x, *stat_slots(training, rm, rv, nbt), w, b, training, 0.1, EPS, mode, r if mode else None,
+            *stat_slots(training, *r_state[:3]), *r_state[3:], training, 0.1, EPS)
     fwd = torch.ops.fused_resnet.bn_add_relu_forward.default
     torch.library.opcheck(fwd, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
     y, mean, invstd, r_mean, r_invstd = fwd(*args)

@@ -16,6 +16,7 @@ TRITON_INTERPRET=1, which the spawned processes inherit.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Dict
 
 import pytest
@@ -478,9 +479,29 @@ def test_convert_sync_batchnorm_keeps_tensors_modes_and_qconfig():
 
 
 def test_sync_modules_take_nn_sync_batchnorm_constructor():
-    m = SyncBatchNormAddReLU2d(4, 1e-3, None, True, True, None, bias=False)
-    assert m.eps == 1e-3 and m.momentum is None and m.bias is None and m.process_group is None
+    m = SyncBatchNormAddReLU2d(4, 1e-3, None, True, True, None)
+    assert m.eps == 1e-3 and m.momentum is None and m.process_group is None
     assert isinstance(m, nn.BatchNorm2d) and m.applies_relu
-    assert list(m.state_dict()) == list(nn.SyncBatchNorm(4, bias=False).state_dict())
+    assert list(m.state_dict()) == list(nn.SyncBatchNorm(4).state_dict())
     fused = SyncBatchNormReLU2d.from_batchnorm(nn.BatchNorm2d(4), process_group="g")
     assert fused.process_group == "g"
+
+
+_TORCH_HAS_BIAS_KEYWORD = "bias" in inspect.signature(nn.SyncBatchNorm.__init__).parameters
+
+
+@pytest.mark.skipif(not _TORCH_HAS_BIAS_KEYWORD, reason="this torch's nn.SyncBatchNorm takes no bias= keyword")
+def test_sync_modules_take_the_bias_keyword():
+    m = SyncBatchNormAddReLU2d(4, bias=False)
+    assert m.bias is None and m.weight is not None
+    assert list(m.state_dict()) == list(nn.SyncBatchNorm(4, bias=False).state_dict())
+
+
+@pytest.mark.skipif(_TORCH_HAS_BIAS_KEYWORD, reason="this torch's nn.SyncBatchNorm takes bias=")
+def test_sync_modules_refuse_bias_keyword_like_torch():
+    """On a torch without the keyword, the fused modules refuse it as nn.SyncBatchNorm does."""
+    with pytest.raises(TypeError) as expected:
+        nn.SyncBatchNorm(4, bias=False)
+    with pytest.raises(TypeError, match="bias") as actual:
+        SyncBatchNormAddReLU2d(4, bias=False)
+    assert type(actual.value) is type(expected.value)
