@@ -10,7 +10,7 @@ OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
 OLDEST_CONSTRAINTS := constraints/oldest.txt
 
-.PHONY: install install-oldest test test-oldest test-fast test-interpreter demo bench clean
+.PHONY: install install-oldest test test-oldest test-fast test-interpreter demo gpu bench clean
 
 # $(1): the virtual environment, $(2): its constraints file.
 define make_venv
@@ -21,11 +21,13 @@ define make_venv
 	touch $(1)/.installed-stamp
 endef
 
-# $(1): the virtual environment. PyTorch-path and AOT-compile tests, then the Triton
-# kernels through the interpreter in their own process (TRITON_INTERPRET must be set
-# before import).
+# $(1): the virtual environment. `make gpu SMOKE=1` (every phase at toy sizes, its
+# files checked by tests/tools/test_gpu.py), the PyTorch-path and AOT-compile tests, then
+# the Triton kernels through the interpreter in their own process (TRITON_INTERPRET must
+# be set before import).
 define run_suite
-	$(1)/bin/python -m pytest -q -m "not interpreter" tests
+	$(MAKE) --no-print-directory gpu SMOKE=1 PYTHON=$(1)/bin/python OUT=$(1)/gpu-smoke
+	FUSED_RESNET_GPU_SMOKE_OUT=$(1)/gpu-smoke $(1)/bin/python -m pytest -q -m "not interpreter" tests
 	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m "interpreter or both" tests
 endef
 
@@ -55,6 +57,15 @@ test-interpreter: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m fused_resnet demo
+
+# The whole GPU verdict on a machine that already has torch, triton, torchvision, pytest and
+# matplotlib: the $(PYTHON) given, no virtual environment, nothing downloaded (--no-index).
+# Writes $(OUT)/; SMOKE=1 runs every phase at toy sizes on the CPU.
+OUT ?= gpu-results
+BUDGET_S ?= 540
+gpu:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(PYTHON) -m fused_resnet gpu --out $(OUT) --budget-s $(BUDGET_S)$(if $(SMOKE), --smoke)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks

@@ -1,6 +1,7 @@
 """The pytest-benchmark suite's settings, shared fixtures and end-of-run tables.
 
-Every figure is measured by ``fused_resnet.bench`` (the code behind ``fused-resnet bench``);
+Every figure is measured by ``fused_resnet.tools.bench`` and ``kernel_bench`` (the code
+behind ``fused-resnet bench``);
 this file only chooses the cases and collects the results. Options take comma-separated
 lists; the defaults fit the device (see ``suite_defaults``). ``--bench-smoke`` is a tiny
 run that checks the suite works, nothing more.
@@ -12,19 +13,19 @@ import statistics
 import pytest
 import torch
 
-from fused_resnet import bench
+from fused_resnet.tools import bench, common, kernel_bench
 
 OPTIONS = {
     # option: (BenchConfig field, parser of one element)
     "--bench-models": ("models", str),
     "--bench-stages": ("stages", str),
     "--bench-modes": ("modes", str),
-    "--bench-dtypes": ("dtypes", bench.canonical_dtype),
-    "--bench-formats": ("memory_formats", bench.canonical_memory_format),
+    "--bench-dtypes": ("dtypes", common.canonical_dtype),
+    "--bench-formats": ("memory_formats", common.canonical_memory_format),
     "--bench-batches": ("batches", int),
     "--bench-variants": ("variants", str),
 }
-CHOICES = {"models": bench.MODELS, "stages": bench.STAGES, "modes": bench.MODES, "variants": bench.VARIANTS}
+CHOICES = {"models": common.MODELS, "stages": common.STAGES, "modes": bench.MODES, "variants": bench.VARIANTS}
 
 
 def pytest_addoption(parser):
@@ -43,7 +44,7 @@ def pytest_addoption(parser):
 def suite_defaults(device: str) -> bench.BenchConfig:
     """The whole matrix on a GPU (realistic shapes); the same matrix at small shapes on the CPU."""
     config = bench.default_config(device)
-    config.models, config.modes = list(bench.MODELS), list(bench.MODES)
+    config.models, config.modes = list(common.MODELS), list(bench.MODES)
     config.dtypes, config.memory_formats = ["float32", "bfloat16"], ["nchw", "channels_last"]
     if torch.device(device).type == "cuda":
         config.batches, config.variants = [64, 256], list(bench.VARIANTS)
@@ -53,7 +54,7 @@ def suite_defaults(device: str) -> bench.BenchConfig:
 
 
 def smoke_config(device: str) -> bench.BenchConfig:
-    return bench.BenchConfig(models=["resnet18"], stages=list(bench.STAGES), modes=list(bench.MODES),
+    return bench.BenchConfig(models=["resnet18"], stages=list(common.STAGES), modes=list(bench.MODES),
                              dtypes=["float32"], memory_formats=["channels_last"], batches=[2], resolution=32,
                              device=device, variants=["eager", "fused"], warmup=1, iters=2, threads=1)
 
@@ -95,7 +96,7 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     chosen = config._fused_resnet_bench
-    return bench.device_banner(bench.machine_info(chosen.device))
+    return common.device_banner(common.machine_info(chosen.device))
 
 
 def pytest_generate_tests(metafunc):
@@ -106,8 +107,8 @@ def pytest_generate_tests(metafunc):
     if "kernel_case" in metafunc.fixturenames:
         cases = [(m, d, f, b, stage, op, p) for m in chosen.models for d in chosen.dtypes
                  for f in chosen.memory_formats for b in chosen.batches[-1:]
-                 for stage in bench.kernel_shapes(m, b, chosen.resolution) if stage in chosen.stages
-                 for op in bench.KERNEL_OPS for p in bench.KERNEL_PASSES]
+                 for stage in kernel_bench.kernel_shapes(m, b, chosen.resolution) if stage in chosen.stages
+                 for op in kernel_bench.KERNEL_OPS for p in kernel_bench.KERNEL_PASSES]
         metafunc.parametrize("kernel_case", cases, ids=["-".join(map(str, c)) for c in cases])
 
 
@@ -135,14 +136,14 @@ def timed(benchmark, suite):
     def run(step, group: str, **extra_info) -> list[float]:
         def synced():
             step()
-            bench.synchronize(device)
+            common.synchronize(device)
 
         benchmark.group = group
-        benchmark.extra_info.update(device_kind=device.type, note=bench.CUDA_NOTE if device.type == "cuda"
-                                    else bench.CPU_NOTE, **extra_info)
+        benchmark.extra_info.update(device_kind=device.type, note=common.CUDA_NOTE if device.type == "cuda"
+                                    else common.CPU_NOTE, **extra_info)
         benchmark.pedantic(synced, rounds=suite.iters, warmup_rounds=suite.warmup, iterations=1)
         if device.type == "cuda":
-            seconds = bench.time_step(step, device, 0, suite.iters)
+            seconds = common.time_step(step, device, 0, suite.iters)
         elif benchmark.stats:
             seconds = list(benchmark.stats.stats.data)
         else:  # --benchmark-disable: the step ran once, untimed
@@ -158,7 +159,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if not cases and not kernels:
         return
     chosen = config._fused_resnet_bench
-    info = bench.machine_info(chosen.device)
+    info = common.machine_info(chosen.device)
     order = {v: i for i, v in enumerate(bench.VARIANTS)}
     results = []
     for key, variants in cases.items():
@@ -170,8 +171,8 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(bench.format_table(results, info))
     if kernels:
         terminalreporter.write_line("")
-        terminalreporter.write_line(bench.format_kernel_table(kernels, info))
+        terminalreporter.write_line(kernel_bench.format_kernel_table(kernels, info))
     path = config.getoption("--bench-json")
     if path:
-        bench.write_json(path, bench.report(results, info, chosen, kernels))
+        common.write_json(path, bench.report(results, info, chosen, kernels))
         terminalreporter.write_line(f"wrote {path}")

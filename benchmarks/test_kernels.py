@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import statistics
 
-from fused_resnet import bench
+from fused_resnet.tools import kernel_bench
 
 
 def test_fused_op(kernel_case, suite, timed, request):
     model, dtype, fmt, batch, stage, op, pass_ = kernel_case
-    shape = bench.kernel_shapes(model, batch, suite.resolution)[stage]
-    step = bench.prepare_kernel_step(op, pass_, shape, dtype, fmt, suite.device)
+    shape = kernel_bench.kernel_shapes(model, batch, suite.resolution)[stage]
+    step = kernel_bench.prepare_kernel_step(op, pass_, shape, dtype, fmt, suite.device)
     seconds = timed(step, f"fused ops {model} {stage} {dtype} {fmt} batch {batch}", model=model, stage=stage,
                     op=op, pass_=pass_, shape=list(shape), dtype=dtype, memory_format=fmt)
     if seconds:
-        result = bench.kernel_result(op, pass_, stage, shape, dtype, fmt, suite.device, statistics.median(seconds))
+        result = kernel_bench.kernel_result(op, pass_, stage, shape, dtype, fmt, suite.device,
+                                            statistics.median(seconds))
         request.node.user_properties.append(("gb_per_s", result.bytes_per_s / 1e9))
         request.config._fused_resnet_kernels.append(result)

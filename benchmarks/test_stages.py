@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from fused_resnet import bench
+from fused_resnet.tools import bench, common
 
 
 def test_stage(stage_case, suite, model_cache, timed, request):
     model, dtype, fmt, batch, stage, mode, variant = stage_case
-    shape = bench.stage_input_shapes(model, batch, suite.resolution)[stage]
+    shape = common.stage_input_shapes(model, batch, suite.resolution)[stage]
     x = bench.make_input(shape, stage, mode, dtype, fmt, model_cache.device, suite.seed)
     try:
         step = bench.prepare_step(model_cache.stage(model, variant, stage, dtype, fmt), x, mode)
         if variant == "compile":
             step()  # compile before timing, and report a compiler failure as a skip
-    except bench.MissingDependency as exc:
+    except common.MissingDependency as exc:
         pytest.skip(str(exc))
     except Exception as exc:  # noqa: BLE001 - torch.compile's failures vary by platform
         if variant != "compile":

@@ -1,7 +1,7 @@
-"""``python -m fused_resnet`` and the ``fused-resnet`` console script: see :mod:`fused_resnet.cli`."""
+"""``python -m fused_resnet`` and the ``fused-resnet`` console script: see :mod:`fused_resnet.tools.cli`."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 __all__ = ["main"]
 

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .bench import (DTYPES, MEMORY_FORMATS, STAGES, bn_tails, canonical_dtype, canonical_memory_format,
-                    convert_model, render_table, torchvision_resnet)
+from .common import (DTYPES, MEMORY_FORMATS, STAGES, canonical_dtype, canonical_memory_format, convert_model,
+                     progress, render_table, torchvision_resnet)
 
 # Fewer values per channel than this make training-mode BatchNorm ill-conditioned: the
 # gradient through its statistics loses digits in any precision, eager's included.
@@ -56,12 +56,31 @@ def _kind_of(module_types: dict, name: str) -> str:
     return "bn" if issubclass(module_types.get(owner, nn.Module), nn.modules.batchnorm._BatchNorm) else "conv/fc"
 
 
-def _normalised_error(values: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+def normalised_error(values: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """max |value - reference| over the group / max |reference|: one scale-free figure per group."""
     if not references:
         return 0.0
     diff = max(float((v.double() - r).abs().max()) for v, r in zip(values, references))
     scale = max(float(r.abs().max()) for r in references)
     return diff / scale if scale > 0 else diff
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    """The model ``check`` compares: a randomly initialised torchvision ResNet (nothing downloaded)."""
+    return torchvision_resnet(name, seed)
+
+
+def min_values_per_channel(model: nn.Module, batch: int, resolution: int) -> int:
+    """The fewest values per channel any BatchNorm of ``model`` normalises for this input size
+    (read from a forward pass of a ``meta``-device copy: no memory, no compute)."""
+    counts = []
+    meta = copy.deepcopy(model).to("meta")
+    hooks = [m.register_forward_hook(lambda mod, inp, out: counts.append(inp[0].numel() // inp[0].shape[1]))
+             for m in meta.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    meta(torch.empty(batch, 3, resolution, resolution, device="meta"))
+    for h in hooks:
+        h.remove()
+    return min(counts, default=batch * resolution * resolution)
 
 
 @dataclass
@@ -108,15 +127,13 @@ def run_check(model: str = "resnet50", device: Optional[str] = None, dtype: str 
               batch: Optional[int] = None, resolution: Optional[int] = None, memory_format: str = "nchw",
               seed: int = 0, show_progress: bool = False) -> tuple[list[GroupError], dict]:
     """Compare the fused model with eager PyTorch; returns the per-group errors and the settings."""
-    from .bench import progress
-
     dtype = canonical_dtype(dtype)
     memory_format = canonical_memory_format(memory_format)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     batch = batch or (16 if on_gpu else 4)
     resolution = resolution or (224 if on_gpu else 64)
-    original = torchvision_resnet(model, seed)
+    original = build_model(model, seed)
     fused = convert_model(original)
     gen = torch.Generator().manual_seed(seed + 1)
     images = torch.randn(batch, 3, resolution, resolution, generator=gen, dtype=torch.float64).to(device)
@@ -124,8 +141,7 @@ def run_check(model: str = "resnet50", device: Optional[str] = None, dtype: str 
     fmt = MEMORY_FORMATS[memory_format]
     settings = dict(model=model, device=str(device), dtype=dtype, batch=batch, resolution=resolution,
                     memory_format=memory_format, seed=seed,
-                    min_values_per_channel=min(n * h * w for n, _, h, w in (t.shape for t in bn_tails(
-                        model, batch, resolution))))
+                    min_values_per_channel=min_values_per_channel(original, batch, resolution))
     runs = {"reference": (copy.deepcopy(original), torch.float64), "eager": (copy.deepcopy(original), DTYPES[dtype]),
             "fused": (fused, DTYPES[dtype])}
     outputs = {}
@@ -144,8 +160,8 @@ def run_check(model: str = "resnet50", device: Optional[str] = None, dtype: str 
     for group, names in _groups(reference, module_types).items():
         missing = [n for n in names if n not in candidate]
         refs = [reference[n] for n in names]
-        eager_err = _normalised_error([eager[n] for n in names], refs)
-        fused_err = float("nan") if missing else _normalised_error([candidate[n] for n in names], refs)
+        eager_err = normalised_error([eager[n] for n in names], refs)
+        fused_err = float("nan") if missing else normalised_error([candidate[n] for n in names], refs)
         errors.append(GroupError(group, eager_err, fused_err, TOLERANCES[dtype] + EAGER_ERROR_FACTOR * eager_err))
     return errors, settings
 

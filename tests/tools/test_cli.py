@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fused_resnet import cli
+from fused_resnet.tools import cli
 
 pytest.importorskip("torchvision")
 TINY = ["--batch", "2", "--resolution", "32", "--no-progress"]
@@ -65,7 +65,7 @@ def test_check_fails_and_exits_1_when_the_fused_model_differs(monkeypatch, capsy
             broken.layer3[0].bn2.weight.mul_(1.5)
         return broken
 
-    monkeypatch.setattr("fused_resnet.check.convert_model", wrong_conversion)
+    monkeypatch.setattr("fused_resnet.tools.check.convert_model", wrong_conversion)
     assert cli.main(["check", "--model", "resnet18", *CHECK]) == 1
     out = capsys.readouterr().out
     assert "FAIL:" in out
@@ -97,3 +97,22 @@ def test_demo_runs_check_audit_and_a_short_bench(monkeypatch, tmp_path):
     assert bench_argv[bench_argv.index("--json") + 1] == str(tmp_path / "bench.json")
     assert bench_argv[bench_argv.index("--plot") + 1] == str(tmp_path / "bench.png")
     assert all("--no-progress" in argv for argv in calls)
+
+
+def test_the_library_never_imports_a_tool():
+    """Every module outside fused_resnet/tools/ (the entry point shim __main__ aside) is importable
+    without the tools: no import statement names them, at module level or inside a function."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    library = [p for p in (root / "fused_resnet").rglob("*.py") if "tools" not in p.relative_to(root).parts
+               and p.name != "__main__.py"] + list((root / "kernels").rglob("*.py"))
+    offenders = []
+    for path in library:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module or ''}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                     else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if "tools" in n.split(".")]
+    assert not offenders

@@ -1,7 +1,7 @@
 """The benchmark code runs, at tiny sizes; no test here looks at a time.
 
-Covers ``fused_resnet.bench`` (stage construction, timing in turns, reports) and a smoke
-run of the pytest-benchmark suite in ``benchmarks/``.
+Covers ``fused_resnet.tools.bench`` and ``common`` (stage construction, timing in turns,
+reports), ``kernel_bench`` and a smoke run of the pytest-benchmark suite in ``benchmarks/``.
 """
 from __future__ import annotations
 
@@ -13,39 +13,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_resnet import bench
+from fused_resnet.tools import bench, common, kernel_bench
 
 pytest.importorskip("torchvision")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stage_input_shapes_are_the_real_activations():
-    shapes = bench.stage_input_shapes("resnet50", 2, 224)
+    shapes = common.stage_input_shapes("resnet50", 2, 224)
     assert shapes == {"all": (2, 3, 224, 224), "stem": (2, 3, 224, 224), "layer1": (2, 64, 56, 56),
                       "layer2": (2, 256, 56, 56), "layer3": (2, 512, 28, 28), "layer4": (2, 1024, 14, 14)}
 
 
 @pytest.mark.parametrize("model,tails,shortcut_bns", [("resnet18", 1 + 8 * 2, 3), ("resnet50", 1 + 16 * 3, 4)])
 def test_bn_tails_cover_every_batchnorm(model, tails, shortcut_bns):
-    found = bench.bn_tails(model, 2, 64)
+    found = common.bn_tails(model, 2, 64)
     assert len(found) == tails
     assert sum(t.op == "bn_add_bn_relu" for t in found) == shortcut_bns
-    assert found[0] == bench.Tail("stem", -1, "bn_relu", (2, 64, 32, 32))
+    assert found[0] == common.Tail("stem", -1, "bn_relu", (2, 64, 32, 32))
 
 
 def test_unknown_names_are_rejected_with_the_choices():
     with pytest.raises(ValueError, match="unknown stage 'layer5'; choose from stem"):
-        bench.stage_module(torch.nn.Module(), "layer5")
+        common.stage_module(torch.nn.Module(), "layer5")
     with pytest.raises(ValueError, match="unknown model 'resnet34'"):
-        bench.stage_input_shapes("resnet34", 1, 32)
+        common.stage_input_shapes("resnet34", 1, 32)
     with pytest.raises(ValueError, match="unknown dtype 'fp64'"):
-        bench.canonical_dtype("fp64")
-    assert bench.canonical_memory_format("NHWC") == "channels_last"
+        common.canonical_dtype("fp64")
+    assert common.canonical_memory_format("NHWC") == "channels_last"
 
 
 def test_time_steps_takes_turns_and_times_every_call():
     calls = []
-    times = bench.time_steps({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", 1, 3)
+    times = common.time_steps({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", 1, 3)
     assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
@@ -54,7 +54,7 @@ def test_time_steps_takes_turns_and_times_every_call():
                                        ("NVIDIA H200", 4.8), ("NVIDIA A100-SXM4-80GB", 2.0),
                                        ("AMD Instinct MI300X", 5.3), ("Some Future GPU", None)])
 def test_peak_bandwidth_table(name, tbps):
-    found = bench.lookup_peak_bandwidth(name)
+    found = common.lookup_peak_bandwidth(name)
     assert found == (None if tbps is None else pytest.approx(tbps * 1e12))
 
 
@@ -66,13 +66,13 @@ def test_run_bench_reports_cpu_figures_as_cpu_figures(tmp_path):
     assert [(r.stage, r.mode) for r in results] == [("stem", "eval"), ("stem", "train_backward"),
                                                     ("all", "eval"), ("all", "train_backward")]
     assert all(r.images_per_s("eager") > 0 for r in results)
-    info = bench.machine_info("cpu")
+    info = common.machine_info("cpu")
     table = bench.format_table(results, info)
-    assert bench.CPU_NOTE in table and "GPU:" not in table
+    assert common.CPU_NOTE in table and "GPU:" not in table
     data = bench.report(results, info, config)
-    assert data["device_kind"] == "cpu" and data["note"] == bench.CPU_NOTE
+    assert data["device_kind"] == "cpu" and data["note"] == common.CPU_NOTE
     assert data["machine"]["torch"] == torch.__version__
-    bench.write_json(str(tmp_path / "b.json"), data)
+    common.write_json(str(tmp_path / "b.json"), data)
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["input_shape"] == [2, 3, 32, 32]
     pytest.importorskip("matplotlib")
     bench.write_plot(str(tmp_path / "b.png"), results, info)
@@ -86,9 +86,32 @@ def test_benchmark_suite_smoke_run(tmp_path):
          "--bench-stages", "stem,layer4", "--bench-modes", "eval,train_backward", "--bench-json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "images/s per stage, side by side" in proc.stdout and bench.CPU_NOTE in proc.stdout
+    assert "images/s per stage, side by side" in proc.stdout and common.CPU_NOTE in proc.stdout
     data = json.loads(out.read_text())
     assert data["device_kind"] == "cpu"
     assert {(r["stage"], r["mode"]) for r in data["results"]} == {
         ("stem", "eval"), ("stem", "train_backward"), ("layer4", "eval"), ("layer4", "train_backward")}
     assert data["kernels"], "the fused-op GB/s benchmarks ran"
+
+
+@pytest.mark.parametrize("op,pass_", [(op, p) for op in common.TAIL_OPS for p in common.OP_PASSES[op]
+                                      if not p.startswith("backward_eval") or op == "add_relu"])
+@pytest.mark.parametrize("implementation", ["fused", "eager"])
+def test_tail_steps_run_alone_and_report_the_design_bytes(op, pass_, implementation):
+    shape = (2, 8, 4, 4)
+    step = kernel_bench.prepare_tail_step(op, pass_, shape, "float32", "channels_last", "cpu", implementation)
+    seconds = kernel_bench.time_kernel(step, "cpu", 0, 2)
+    result = kernel_bench.kernel_result(op, pass_, "layer1", shape, "float32", "channels_last", "cpu", seconds)
+    T = 2 * 8 * 4 * 4 * 4
+    assert result.activation_bytes == T
+    assert result.bytes_moved == common.fused_design_traffic(op, pass_) * T
+    assert result.peak_bytes_per_s is None and result.to_json()["fraction_of_peak"] is None
+
+
+def test_design_traffic_is_the_budget_else_the_minimum():
+    assert common.fused_design_traffic("bn_relu", "backward_train") == 5
+    assert common.fused_design_traffic("bn_add_bn_relu", "backward_train") == common.MINIMUM["bn_add_bn_relu"][
+        "backward_train"] == 8
+    assert common.fused_design_traffic("add_relu", "forward_eval") == 3
+    with pytest.raises(ValueError, match="op 'add_relu' has no pass 'forward_train'"):
+        common.fused_design_traffic("add_relu", "forward_train")

@@ -1,4 +1,4 @@
-"""The ``fused-resnet`` command: ``check``, ``bench``, ``audit`` and ``demo``.
+"""The ``fused-resnet`` command: ``check``, ``bench``, ``audit``, ``demo`` and ``gpu``.
 
 Every subcommand picks defaults that fit the device it finds (small shapes on a CPU,
 realistic ones on a GPU) and says which path its figures come from.
@@ -13,9 +13,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import backend
-from .bench import (MODELS, MODES, STAGES, VARIANTS, BenchConfig, MissingDependency, canonical_dtype,
-                    canonical_memory_format, default_config)
+from fused_resnet import backend
+
+from .bench import MODES, VARIANTS, BenchConfig, default_config
+from .common import MODELS, STAGES, MissingDependency, canonical_dtype, canonical_memory_format
 
 
 # --------------------------------------------------------------------------- argument types
@@ -148,8 +149,9 @@ def bench_config(args) -> BenchConfig:
 
 def cmd_bench(args) -> int:
     """The per-stage table, and optionally the JSON report and the PNG chart."""
-    from .bench import (format_kernel_table, format_table, machine_info, report, run_bench, run_kernel_bench,
-                        write_json, write_plot)
+    from .bench import format_table, report, run_bench, write_plot
+    from .common import machine_info, write_json
+    from .kernel_bench import format_kernel_table, run_kernel_bench
 
     config = bench_config(args)
     device = torch.device(config.device)
@@ -186,8 +188,9 @@ def cmd_bench(args) -> int:
 
 def cmd_audit(args) -> int:
     """The traffic tables; re-runs itself under TRITON_INTERPRET=1 when the kernels are compiled."""
-    from .audit import AuditConfig, format_audit, interpreter_active, run_audit, run_in_interpreter
-    from .bench import write_json
+    from .audit import AuditConfig, format_audit, run_audit, run_in_interpreter
+    from .common import write_json
+    from .traffic import interpreter_active
 
     if not interpreter_active():
         return run_in_interpreter(args.argv)
@@ -228,6 +231,22 @@ def cmd_demo(args) -> int:
     return status
 
 
+# --------------------------------------------------------------------------- gpu
+
+
+def cmd_gpu(args) -> int:
+    """The whole GPU verdict in one folder (``make gpu``); ``--smoke`` at toy sizes on the CPU."""
+    from .gpu import run_gpu, worker_main
+
+    if args.worker:
+        return worker_main(args.worker.split(","), args.part, args.budget_s)
+    if not args.smoke and not torch.cuda.is_available():
+        print("fused-resnet gpu: no CUDA device on this machine; --smoke (make gpu SMOKE=1) runs every phase at "
+              "toy sizes on the CPU", file=sys.stderr)
+        return 2
+    return run_gpu(args.out, args.budget_s, args.smoke, args.device)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -235,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-resnet",
         description="Check, benchmark and audit the fused BatchNorm/add/ReLU kernels on torchvision ResNets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,bench,audit,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,bench,audit,demo,gpu}")
     progress = argparse.ArgumentParser(add_help=False)
     progress.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -293,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[progress], help="check, audit and a short bench on this machine")
     demo.add_argument("--out", default="fused-resnet-demo", help="folder for the JSON and PNG (default fused-resnet-demo)")
     demo.set_defaults(func=cmd_demo)
+
+    gpu = sub.add_parser("gpu", parents=[progress], help="the whole GPU verdict in one command, in a time budget",
+                         description="On a CUDA GPU: machine, correctness (tests on CUDA tensors, no host sync, "
+                                     "determinism, CUDA graph, torch.compile fullgraph, kernel registers and spills), "
+                                     "kernel bandwidth and per-stage throughput against eager and torch.compile, "
+                                     "within --budget-s; writes gpu.json, summary.md, gpu.png, log.txt and "
+                                     "pytest.txt into --out. --smoke: every phase at toy sizes on the CPU.")
+    gpu.add_argument("--out", default="gpu-results", help="folder for the results (default gpu-results)")
+    gpu.add_argument("--budget-s", type=_positive_int, default=540, help="time budget of the whole run (default 540)")
+    gpu.add_argument("--smoke", action="store_true", help="toy sizes on the CPU, the interpreter where kernels run")
+    gpu.add_argument("--device", type=_device, help="cuda[:N] (default cuda)")
+    gpu.add_argument("--worker", help=argparse.SUPPRESS)  # the smoke run's TRITON_INTERPRET=1 child
+    gpu.add_argument("--part", help=argparse.SUPPRESS)
+    gpu.set_defaults(func=cmd_gpu)
     return parser
 
 

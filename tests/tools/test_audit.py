@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fused_resnet import audit
+from fused_resnet.tools import audit, common, traffic
 
 SMALL = (2, 64, 4, 4)
 
@@ -28,7 +28,7 @@ def test_counter_counts_unique_unmasked_bytes_per_buffer():
 
     a, b = torch.randn(1500), torch.randn(1500)  # 1500: the last block of 1024 lanes is partly masked off
     call_before = interpreter.GridExecutor.__call__
-    with audit.TritonTrafficCounter() as counter:
+    with traffic.TritonTrafficCounter() as counter:
         y = add_relu_forward(a, b)
     assert [launch.kernel for launch in counter.launches] == ["add_relu_forward_kernel"]
     by_name = {buf.names: buf for buf in counter.launches[0].buffers}
@@ -42,12 +42,12 @@ def test_counter_counts_unique_unmasked_bytes_per_buffer():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("op,pass_", [(op, p) for op, passes in audit.FUSED_BUDGET.items() for p in passes])
+@pytest.mark.parametrize("op,pass_", [(op, p) for op, passes in common.FUSED_BUDGET.items() for p in passes])
 def test_fused_kernels_meet_the_design_budget_and_eager_its_expected_traffic(op, pass_):
     a = audit.audit_op(op, pass_, SMALL)
     figures = a.figures()
-    assert figures["fused"] == pytest.approx(audit.FUSED_BUDGET[op][pass_], abs=1e-9), a.kernel_launches
-    assert figures["eager_implementation"] == pytest.approx(audit.EAGER_BUDGET[op][pass_], abs=1e-9), a.eager_ops
+    assert figures["fused"] == pytest.approx(common.FUSED_BUDGET[op][pass_], abs=1e-9), a.kernel_launches
+    assert figures["eager_implementation"] == pytest.approx(common.EAGER_BUDGET[op][pass_], abs=1e-9), a.eager_ops
     assert a.fused_aten.activation == 0  # nothing activation-sized moves outside the kernels
 
 
@@ -55,7 +55,7 @@ def test_fused_kernels_meet_the_design_budget_and_eager_its_expected_traffic(op,
 @pytest.mark.parametrize("op,pass_", [("bn_add_bn_relu", "forward_train"), ("bn_add_bn_relu", "backward_train"),
                                       ("add_relu", "forward_eval"), ("add_relu", "backward_eval")])
 def test_unbudgeted_training_ops_reach_the_minimum(op, pass_):
-    assert audit.audit_op(op, pass_, SMALL).figures()["fused"] == pytest.approx(audit.MINIMUM[op][pass_], abs=1e-9)
+    assert audit.audit_op(op, pass_, SMALL).figures()["fused"] == pytest.approx(common.MINIMUM[op][pass_], abs=1e-9)
 
 
 @pytest.mark.interpreter
@@ -82,10 +82,10 @@ def test_eager_counts_each_op_and_batch_norms_second_pass():
 
 
 def test_counting_kernels_needs_the_interpreter():
-    if audit.interpreter_active():
+    if traffic.interpreter_active():
         pytest.skip("this process runs the interpreter")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        with audit.TritonTrafficCounter():
+        with traffic.TritonTrafficCounter():
             pass
 
 
@@ -97,7 +97,7 @@ def test_unknown_op_or_pass_is_named():
 
 
 def test_audit_command_runs_itself_in_the_interpreter(tmp_path):
-    if audit.interpreter_active():
+    if traffic.interpreter_active():
         pytest.skip("covered by the PyTorch-path process")
     out = tmp_path / "audit.json"
     proc = subprocess.run([sys.executable, "-m", "fused_resnet", "audit", "--model", "resnet18", "--gpu", "H200",
@@ -112,3 +112,31 @@ def test_audit_command_runs_itself_in_the_interpreter(tmp_path):
     T = 256 * 64 * 56 * 56 * 4
     assert stages[("resnet18", "layer1", "forward_train")]["fused"] == pytest.approx(2 * 7 * T)
     assert stages[("resnet18", "layer1", "forward_train")]["eager_implementation"] == pytest.approx(2 * 13 * T)
+    # Every figure says which kernel plans it used; today none changes traffic with the shape.
+    assert data["traffic_plan_fields"] == {"reduction": [], "elementwise": []}
+    assert {s["plan_basis"] for s in data["stages"]} == {"scaled"}
+    plan = stages[("resnet18", "layer1", "forward_train")]["plans"][0]
+    assert plan["real_shape"] == [256, 64, 56, 56] and plan["measured_shape"] == [2, 64, 4, 4]
+    assert {"block_c", "num_partials"} <= set(plan["real_plans"]["reduction"])
+    assert "small-shape plan, same traffic" in proc.stdout
+
+
+# --------------------------------------------------------------------------- kernel plans
+
+
+def test_plan_choice_scales_when_no_plan_field_changes_traffic():
+    choice = audit.plan_choice("bn_relu", (256, 64, 56, 56))
+    assert choice.basis == "scaled" and choice.measured_shape == (2, 64, 4, 4)
+    # The plans do differ, in tiling: that is what the figure states.
+    assert choice.real_plans["reduction"]["num_partials"] != choice.measured_plans["reduction"]["num_partials"]
+
+
+def test_plan_choice_measures_with_the_real_shapes_plan_when_it_changes_traffic(monkeypatch):
+    # Pretend blocks_per_span changed traffic: 8 at 56x56, 1 at 4x4, 4 at 8x8, 8 again at 16x16.
+    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("blocks_per_span",), "elementwise": ()})
+    choice = audit.plan_choice("bn_relu", (256, 64, 56, 56))
+    assert choice.basis == "real_plan" and choice.measured_shape == (2, 64, 16, 16)
+    assert choice.measured_plans["reduction"]["blocks_per_span"] == choice.real_plans["reduction"]["blocks_per_span"]
+    # No shape within MAX_MATCHED_ELEMENTS gets 25 spans per image: the figure is flagged, not trusted.
+    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("spans_per_image",), "elementwise": ()})
+    assert audit.plan_choice("bn_relu", (256, 64, 56, 56)).basis == "unmatched"

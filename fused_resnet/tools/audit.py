@@ -1,0 +1,479 @@
+"""Memory-traffic audit: bytes the fused kernels move against the eager op sequence.
+
+Nothing here needs a GPU. Bytes are counted, not assumed (the counters are
+:mod:`fused_resnet.tools.traffic`):
+
+- **Fused**: the Triton kernels run through Triton's interpreter (``TRITON_INTERPRET=1``),
+  and :class:`~fused_resnet.tools.traffic.TritonTrafficCounter` records the addresses every
+  masked load and store touches (masked-off lanes excluded). Each launch contributes its
+  *unique* bytes read and its unique bytes written, per buffer; summed over launches.
+- **Eager**: :class:`~fused_resnet.tools.traffic.AtenTrafficMode`, a ``TorchDispatchMode``,
+  sees every ATen op the eager sequence dispatches and counts its inputs as read and its
+  outputs (and mutated arguments) as written: the *one-pass* count. Batch norm cannot be
+  one pass: in training it reads its input twice (statistics, then normalisation) and its
+  backward reads grad and input twice (reductions, then the elementwise pass; in eval the
+  second pass reads grad only). The *implementation* count adds those re-reads.
+
+Activation bytes (tensors the size of the activation, T) are reported apart from per-channel
+parameters, statistics and partial sums, which the traffic budget leaves out. Activation
+bytes are linear in the activation size as long as the kernels' plan (``kernels/layout.py``)
+does not change traffic with the shape, so they are measured at small shapes (the
+interpreter is slow) and reported per T; per-stage bytes at real shapes are those ratios
+times the real T: a scaling, said so wherever it is printed. Each per-stage figure states
+the plans it was measured with (:class:`PlanChoice`); where the real shape's plan differs
+from the small shape's in a traffic-relevant field (``TRAFFIC_PLAN_FIELDS``), the tail is
+measured at a shape that gets the real shape's plan.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .common import (EAGER_BUDGET, FUSED_BUDGET, MINIMUM, OP_PASSES, PASS_LABELS, PASSES, TAIL_OPS, DTYPES,
+                     bn_tails, canonical_dtype, check_tail_case, eager_tail, fused_tail, machine_info, progress,
+                     render_table, tail_case)
+from .traffic import AtenOp, AtenTrafficMode, Launch, Traffic, TritonTrafficCounter, aten_traffic, triton_traffic
+
+OPS = TAIL_OPS
+
+# GPUs for the projection, peak DRAM bandwidth in TB/s (vendor data sheets).
+PROJECTION_GPUS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "MI300X": 5.3}
+PROJECTION_GPU_NAMES = {"H100": "H100 SXM", "H200": "H200", "A100": "A100 80GB", "MI300X": "MI300X"}
+
+
+@dataclass
+class OpAudit:
+    """One op, one pass, one shape: fused (Triton kernels + ATen ops around them) and eager."""
+
+    op: str
+    pass_: str
+    shape: tuple[int, ...]
+    dtype: str
+    channels_last: bool
+    activation_bytes: int
+    fused_kernels: Traffic
+    fused_aten: Traffic
+    eager: Traffic
+    kernel_launches: list[str]
+    fused_aten_ops: list[str]
+    eager_ops: list[str]
+
+    def ratio(self, nbytes: float) -> float:
+        return nbytes / self.activation_bytes
+
+    @property
+    def fused_activation(self) -> int:
+        return self.fused_kernels.activation + self.fused_aten.activation
+
+    @property
+    def fused_launches(self) -> int:
+        return self.fused_kernels.launches + self.fused_aten.launches
+
+    @property
+    def eager_one_pass(self) -> int:
+        return self.eager.activation
+
+    @property
+    def eager_implementation(self) -> int:
+        return self.eager.activation + self.eager.extra_activation_read
+
+    def figures(self) -> dict:
+        """The audit's figures in units of T, for tables and JSON."""
+        return {
+            "fused": self.ratio(self.fused_activation),
+            "fused_read": self.ratio(self.fused_kernels.activation_read + self.fused_aten.activation_read),
+            "fused_written": self.ratio(self.fused_kernels.activation_written + self.fused_aten.activation_written),
+            "fused_other_bytes": self.fused_kernels.other + self.fused_aten.other,
+            "eager_one_pass": self.ratio(self.eager_one_pass),
+            "eager_implementation": self.ratio(self.eager_implementation),
+            "eager_other_bytes": self.eager.other,
+            "minimum": MINIMUM[self.op][self.pass_],
+            "fused_budget": FUSED_BUDGET.get(self.op, {}).get(self.pass_),
+            "eager_budget": EAGER_BUDGET.get(self.op, {}).get(self.pass_),
+            "fused_launches": self.fused_launches,
+            "fused_kernel_launches": self.fused_kernels.launches,
+            "eager_launches": self.eager.launches,
+        }
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(figures=self.figures())
+        return out
+
+
+def _run_pass(tail: Callable, op: str, pass_: str, shape, dtype: str, channels_last: bool,
+              counters: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Run ``tail`` for one pass with fresh seeded tensors; only the pass itself runs inside ``counters()``."""
+    case = tail_case(op, pass_, shape, dtype, "channels_last" if channels_last else "nchw")
+    x = case.x_leaf.clone()  # a non-leaf, as a convolution's output is; the copy is not the tail's traffic
+    if pass_.startswith("forward"):
+        with counters(), torch.no_grad() if pass_ == "forward_eval" else contextlib.nullcontext():
+            case.forward(tail, x)
+        return
+    y = case.forward(tail, x)
+    dy = case.grad_output(y)
+    with counters():
+        torch.autograd.grad(y, case.differentiable(), dy)
+
+
+def _activation_bytes(shape: Sequence[int], dtype: str) -> tuple[int, int]:
+    """(T, one element per channel) in bytes for an activation of ``shape``."""
+    element = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return int(np.prod(shape)) * element, shape[1] * element
+
+
+def _check_case(op: str, pass_: str, dtype: str) -> str:
+    """The canonical dtype name, after checking op and pass."""
+    check_tail_case(op, pass_)
+    return canonical_dtype(dtype)
+
+
+def eager_traffic(op: str, pass_: str, shape: Sequence[int], dtype: str = "float32",
+                  channels_last: bool = True) -> tuple[Traffic, list[AtenOp]]:
+    """The eager op sequence's traffic in one pass, counted by :class:`AtenTrafficMode` (no interpreter needed)."""
+    dtype = _check_case(op, pass_, dtype)
+    mode = AtenTrafficMode()
+    _run_pass(eager_tail, op, pass_, tuple(shape), dtype, channels_last, lambda: mode)
+    return aten_traffic(mode.ops, _activation_bytes(shape, dtype)[0]), mode.ops
+
+
+def fused_traffic(op: str, pass_: str, shape: Sequence[int], dtype: str = "float32",
+                  channels_last: bool = True) -> tuple[Traffic, Traffic, list[Launch], list[AtenOp]]:
+    """The fused op's traffic in one pass: (Triton kernels, ATen ops around them, launches, ATen ops).
+
+    Needs the interpreter (see :class:`TritonTrafficCounter`).
+    """
+    dtype = _check_case(op, pass_, dtype)
+    kernels, around = TritonTrafficCounter(), AtenTrafficMode(look_inside=("fused_resnet",))
+
+    @contextlib.contextmanager
+    def counters():
+        with kernels, around:
+            yield
+
+    _run_pass(fused_tail, op, pass_, tuple(shape), dtype, channels_last, counters)
+    if around.opaque:
+        raise RuntimeError(f"could not look inside custom ops {around.opaque}: their ATen ops would go uncounted")
+    T, per_channel = _activation_bytes(shape, dtype)
+    return triton_traffic(kernels.launches, T, per_channel), aten_traffic(around.ops, T), kernels.launches, around.ops
+
+
+def audit_op(op: str, pass_: str, shape: Sequence[int], dtype: str = "float32",
+             channels_last: bool = True) -> OpAudit:
+    """Count one op's traffic in one pass at ``shape``, fused (interpreter) and eager."""
+    shape = tuple(shape)
+    kernels, around, launches, around_ops = fused_traffic(op, pass_, shape, dtype, channels_last)
+    eager, eager_ops = eager_traffic(op, pass_, shape, dtype, channels_last)
+    dtype = _check_case(op, pass_, dtype)
+    T, _ = _activation_bytes(shape, dtype)
+    return OpAudit(op, pass_, shape, dtype, channels_last, T, kernels, around, eager,
+                   [launch.kernel for launch in launches], [o.name for o in around_ops], [o.name for o in eager_ops])
+
+
+# --------------------------------------------------------------------------- kernel plans
+
+# Fields of the kernels' plans (kernels/layout.py) that change how many times an activation
+# is read or written, not only how it is tiled. None today: every reduction plan reads each
+# element once per pass and every elementwise plan touches it once, whatever its tiles and
+# partial counts, so per-T ratios measured at a small shape hold at the real one. A plan
+# that, say, keeps a channel on chip for a single-read kernel at small H*W names its field here.
+TRAFFIC_PLAN_FIELDS: dict[str, tuple[str, ...]] = {"reduction": (), "elementwise": ()}
+# The largest activation (elements) the interpreter is asked to measure when looking for a
+# small shape that gets the real shape's plan.
+MAX_MATCHED_ELEMENTS = 2**18
+
+
+def kernel_plans(shape: Sequence[int], channels_last: bool = True) -> dict:
+    """The reduction and elementwise plans the kernels choose for an activation of ``shape``."""
+    from fused_resnet.kernels.layout import Layout, elementwise_plan, reduction_plan
+
+    N, C, H, W = shape
+    layout = Layout(N, C, H * W, channels_last)
+    return {"reduction": asdict(reduction_plan(layout)), "elementwise": asdict(elementwise_plan(layout))}
+
+
+def traffic_plan(plans: dict) -> dict:
+    """The traffic-relevant part of ``plans`` (the fields named in ``TRAFFIC_PLAN_FIELDS``)."""
+    return {kind: {name: plans[kind][name] for name in fields} for kind, fields in TRAFFIC_PLAN_FIELDS.items()}
+
+
+def audit_shape(shape: Sequence[int], batch: int = 2, max_hw: int = 4) -> tuple[int, int, int, int]:
+    """The small shape the interpreter measures for a real stage shape: its channels, a
+    couple of images, and at most max_hw x max_hw pixels."""
+    _, C, H, W = shape
+    return (batch, C, min(H, max_hw), min(W, max_hw))
+
+
+def _growing_shapes(small: Sequence[int], real: Sequence[int]):
+    """Shapes from ``small`` towards ``real``: H and W doubled first (capped at the real size), then N."""
+    N, C, H, W = small
+    while True:
+        yield (N, C, H, W)
+        if (N, H, W) == tuple(real[:1]) + tuple(real[2:]):
+            return
+        if (H, W) != tuple(real[2:]):
+            H, W = min(2 * H, real[2]), min(2 * W, real[3])
+        else:
+            N = min(2 * N, real[0])
+
+
+@dataclass
+class PlanChoice:
+    """Which kernel plans one tail's per-stage figure used.
+
+    ``basis``: ``scaled`` (measured at the small shape, whose plans differ from the real
+    shape's in tiling only: the per-T ratio is the real shape's), ``real_plan`` (measured at
+    the smallest shape that gets the real shape's traffic-relevant plan) or ``unmatched``
+    (no shape up to ``MAX_MATCHED_ELEMENTS`` gets it: the figure is not valid for the real shape).
+    """
+
+    op: str
+    real_shape: tuple[int, ...]
+    measured_shape: tuple[int, ...]
+    channels_last: bool
+    basis: str
+    real_plans: dict
+    measured_plans: dict
+    traffic_fields: dict
+
+    @property
+    def label(self) -> str:
+        return BASIS_LABELS[self.basis]
+
+
+BASIS_LABELS = {"scaled": "small-shape plan, same traffic", "real_plan": "real-shape plan",
+                "unmatched": "PLAN DIFFERS: not valid"}
+
+
+def plan_choice(op: str, real_shape: Sequence[int], channels_last: bool = True, max_hw: int = 4) -> PlanChoice:
+    """The shape to measure ``real_shape``'s tail at, and the plans either shape gets.
+
+    Starts from :func:`audit_shape`; when its traffic-relevant plan differs from the real
+    shape's, grows it (see :func:`_growing_shapes`) until they agree, within ``MAX_MATCHED_ELEMENTS``.
+    """
+    real_shape = tuple(real_shape)
+    real_plans = kernel_plans(real_shape, channels_last)
+    wanted = traffic_plan(real_plans)
+    small = audit_shape(real_shape, max_hw=max_hw)
+    for shape in _growing_shapes(small, real_shape):
+        if int(np.prod(shape)) > MAX_MATCHED_ELEMENTS:
+            break
+        plans = kernel_plans(shape, channels_last)
+        if traffic_plan(plans) == wanted:
+            basis = "scaled" if shape == small else "real_plan"
+            return PlanChoice(op, real_shape, shape, channels_last, basis, real_plans, plans, TRAFFIC_PLAN_FIELDS)
+    return PlanChoice(op, real_shape, small, channels_last, "unmatched", real_plans,
+                      kernel_plans(small, channels_last), TRAFFIC_PLAN_FIELDS)
+
+
+# --------------------------------------------------------------------------- ResNet stages
+
+
+@dataclass
+class StageTraffic:
+    """One stage's BatchNorm tails in one pass at the real shapes (activation bytes, scaled)."""
+
+    model: str
+    stage: str
+    pass_: str
+    blocks: int
+    tails: int
+    fused: float
+    eager_one_pass: float
+    eager_implementation: float
+    minimum: float
+    fused_launches: int
+    eager_launches: int
+    fused_launches_last_block: int
+    eager_launches_last_block: int
+    plan_basis: str = "scaled"  # the weakest basis of its tails' figures (see PlanChoice)
+    plans: list[dict] = field(default_factory=list)  # per distinct (op, real shape): its PlanChoice
+
+
+def stage_traffic(model: str, batch: int, resolution: int, dtype: str, measured: dict,
+                  choices: dict) -> list[StageTraffic]:
+    """Per stage and pass: ratios measured per (op, measured shape) times each tail's real T, summed.
+
+    ``choices`` maps (op, real shape) to its :class:`PlanChoice`; ``measured`` maps
+    (op, measured shape, pass) to its :class:`OpAudit`.
+    """
+    element = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    tails = bn_tails(model, batch, resolution)
+    order = list(BASIS_LABELS)
+    out = []
+    for stage in dict.fromkeys(t.stage for t in tails):
+        in_stage = [t for t in tails if t.stage == stage]
+        blocks = len({t.block for t in in_stage})
+        stage_choices = [choices[key] for key in dict.fromkeys((t.op, tuple(t.shape)) for t in in_stage)]
+        basis = max((c.basis for c in stage_choices), key=order.index)
+        for pass_ in PASSES:
+            sums = dict(fused=0.0, eager_one_pass=0.0, eager_implementation=0.0, minimum=0.0)
+            launches = [0, 0, 0, 0]  # fused, eager: in the stage, in its last block
+            for tail in in_stage:
+                choice = choices[(tail.op, tuple(tail.shape))]
+                a: OpAudit = measured[(tail.op, choice.measured_shape, pass_)]
+                T = element * int(np.prod(tail.shape))
+                f = a.figures()
+                for key in sums:
+                    sums[key] += f[key] * T
+                last = tail.block == in_stage[-1].block
+                launches = [n + d for n, d in zip(launches, (a.fused_launches, a.eager.launches,
+                                                             a.fused_launches * last, a.eager.launches * last))]
+            out.append(StageTraffic(model, stage, pass_, blocks, len(in_stage), **sums,
+                                    fused_launches=launches[0], eager_launches=launches[1],
+                                    fused_launches_last_block=launches[2], eager_launches_last_block=launches[3],
+                                    plan_basis=basis, plans=[asdict(c) for c in stage_choices]))
+    return out
+
+
+@dataclass
+class AuditConfig:
+    models: list[str]
+    batch: int
+    resolution: int
+    dtype: str
+    gpu: str
+    max_hw: int = 4
+
+
+def run_audit(config: AuditConfig, show_progress: bool = True) -> dict:
+    """Measure every op / pass (both layouts, at a reference shape) and every (op, channels)
+    a stage of the chosen models uses; return all figures as a JSON-able dict."""
+    reference = (2, 64, 8, 8)
+    todo = [("reference", op, p, reference, cl) for op in OPS for p in OP_PASSES[op] for cl in (True, False)]
+    choices: dict[tuple, PlanChoice] = {}
+    for model in config.models:
+        for tail in bn_tails(model, config.batch, config.resolution):
+            key = (tail.op, tuple(tail.shape))
+            if key not in choices:
+                choices[key] = plan_choice(tail.op, tail.shape, True, config.max_hw)
+    measured_shapes = dict.fromkeys((c.op, c.measured_shape) for c in choices.values())
+    todo += [("stage", op, p, shape, True) for op, shape in measured_shapes for p in PASSES]
+    reference_audits, stage_audits = [], {}
+    for kind, op, pass_, shape, cl in progress(todo, len(todo), "audit", show_progress):
+        a = audit_op(op, pass_, shape, config.dtype, cl)
+        if kind == "reference":
+            reference_audits.append(a)
+        else:
+            stage_audits[(op, tuple(shape), pass_)] = a
+    stages = [s for model in config.models
+              for s in stage_traffic(model, config.batch, config.resolution, config.dtype, stage_audits, choices)]
+    info = machine_info("cpu")
+    return {
+        "fused_resnet_audit": 1,
+        "note": ("Bytes counted by running the Triton kernels in Triton's interpreter (CPU) and eager ATen ops "
+                 "under a TorchDispatchMode; per-stage bytes are per-T ratios measured at small shapes scaled to "
+                 "the real shapes, each stage saying which kernel plans its figures used (plan_basis, plans); "
+                 "projected times are bytes / peak bandwidth, a lower bound, not a measurement."),
+        "traffic_plan_fields": {kind: list(fields) for kind, fields in TRAFFIC_PLAN_FIELDS.items()},
+        "machine": info,
+        "settings": asdict(config),
+        "gpu_peak_bandwidth_bytes_per_s": PROJECTION_GPUS[config.gpu] * 1e12,
+        "gpu_name": PROJECTION_GPU_NAMES[config.gpu],
+        "ops": [a.to_json() for a in reference_audits],
+        "stage_ops": [a.to_json() for a in stage_audits.values()],
+        "stages": [asdict(s) for s in stages],
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _t(value) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def format_op_table(data: dict) -> str:
+    """Per op and pass, in units of T: fused and eager measured, beside minimum and budgets."""
+    by_key = {}
+    for a in data["ops"]:
+        by_key[(a["op"], a["pass_"], a["channels_last"])] = a
+    header = ["op", "pass", "minimum", "fused", "(NCHW)", "budget", "eager 1-pass", "eager impl", "budget",
+              "eager/fused", "launches fused/eager", "fused other bytes"]
+    rows, over_budget, over_minimum = [], [], []
+    for op in OPS:
+        for pass_ in OP_PASSES[op]:
+            cl, nchw = by_key[(op, pass_, True)], by_key[(op, pass_, False)]
+            f = cl["figures"]
+            rows.append([op, PASS_LABELS[pass_], _t(f["minimum"]), _t(f["fused"]), _t(nchw["figures"]["fused"]),
+                         _t(f["fused_budget"]), _t(f["eager_one_pass"]), _t(f["eager_implementation"]),
+                         _t(f["eager_budget"]), _t(f["eager_implementation"] / f["fused"]),
+                         f"{f['fused_launches']} ({f['fused_kernel_launches']} Triton) / {f['eager_launches']}",
+                         f["fused_other_bytes"]])
+            kernels = ", ".join(dict.fromkeys(cl["kernel_launches"]))
+            if f["fused_budget"] is not None and f["fused"] > f["fused_budget"] + 1e-9:
+                over_budget.append(f"{op} {PASS_LABELS[pass_]}: {f['fused']:.2f} T > budget {f['fused_budget']} T "
+                                   f"({kernels})")
+            elif f["fused"] > f["minimum"] + 1e-9:
+                over_minimum.append(f"{op} {PASS_LABELS[pass_]}: {f['fused']:.2f} T vs minimum {f['minimum']} T")
+    shape = "x".join(map(str, data["ops"][0]["shape"]))
+    title = (f"Memory traffic per fused op, in T = bytes of one activation tensor (measured at {shape}, "
+             f"{data['settings']['dtype']}, channels_last; NCHW beside it)")
+    legend = ("minimum: least traffic without holding an activation on chip (training: statistics / gradient sums "
+              "before the elementwise pass; eval: one pass). fused: unique bytes the Triton kernels load + store "
+              "(interpreter, masked lanes excluded), plus any ATen op around them. eager 1-pass: each ATen op reads "
+              "its inputs and writes its outputs once; eager impl: plus batch norm's second pass (training forward "
+              "re-reads x; backward re-reads grad and, in training, x). Budgets: the design figures. launches: Triton "
+              "launches + ATen ops around them (fused) / ATen ops (eager; on a GPU one ATen op may launch several "
+              "kernels). other bytes: per-channel parameters, statistics and partial sums (not in T). "
+              "eager/fused: eager impl / fused.")
+    text = [title, render_table(header, rows), legend]
+    text.append("Over the design budget: " + ("; ".join(over_budget) if over_budget
+                                                else "none (every budgeted fused op measured within its budget)"))
+    if over_minimum:
+        text.append("Above the minimum (no budget set): " + "; ".join(over_minimum) + ". The interpreter executes "
+                    "every load, including loads a compiled kernel drops as dead, so these are upper bounds.")
+    return "\n".join(text)
+
+
+def format_stage_table(data: dict) -> str:
+    """Per model, stage and pass at the real shapes: MB moved, launches, projected time on a GPU."""
+    peak = data["gpu_peak_bandwidth_bytes_per_s"]
+    s = data["settings"]
+    header = ["model", "stage", "pass", "blocks", "fused MB", "eager MB 1-pass", "eager MB impl", "minimum MB",
+              "eager/fused", "launches/block fused/eager", f"proj. us fused/eager ({data['gpu_name']})", "kernel plan"]
+    rows = []
+    for st in data["stages"]:
+        rows.append([st["model"], st["stage"], PASS_LABELS[st["pass_"]], st["blocks"], f"{st['fused'] / 1e6:.1f}",
+                     f"{st['eager_one_pass'] / 1e6:.1f}", f"{st['eager_implementation'] / 1e6:.1f}",
+                     f"{st['minimum'] / 1e6:.1f}", f"{st['eager_implementation'] / st['fused']:.2f}",
+                     f"{st['fused_launches_last_block']} / {st['eager_launches_last_block']}",
+                     f"{st['fused'] / peak * 1e6:.0f} / {st['eager_implementation'] / peak * 1e6:.0f}",
+                     BASIS_LABELS[st.get("plan_basis", "scaled")]])
+    title = (f"BatchNorm/add/ReLU traffic per ResNet stage at batch {s['batch']}, {s['resolution']}x{s['resolution']}, "
+             f"{s['dtype']} (activation bytes only; convolutions excluded, identical in both)")
+    legend = (f"Per-T ratios measured in the interpreter at (2, C, <={s['max_hw']}, <={s['max_hw']}) for every "
+              f"(op, channels) of the stage, scaled to the real shapes analytically (activation bytes are linear in "
+              f"the activation size). PROJECTION, not a measurement: proj. us = bytes / peak bandwidth of "
+              f"{data['gpu_name']} ({peak / 1e12:.2f} TB/s), a lower bound on the tails' time. kernel plan: the "
+              f"reduction / elementwise plans (kernels/layout.py) the figures were measured with; "
+              f"'{BASIS_LABELS['scaled']}': the small shape's plans differ from the real shape's in tiling only "
+              f"(traffic-relevant plan fields: {_plan_fields(data)}), so the ratios hold at the real shape; "
+              f"'{BASIS_LABELS['real_plan']}': measured at a larger shape that gets the real shape's plan. Both "
+              f"plans of every tail are in the JSON (stages[].plans).")
+    return "\n".join([title, render_table(header, rows), legend])
+
+
+def _plan_fields(data: dict) -> str:
+    fields = [f"{kind}.{name}" for kind, names in data.get("traffic_plan_fields", {}).items() for name in names]
+    return ", ".join(fields) or "none"
+
+
+def format_audit(data: dict) -> str:
+    return format_op_table(data) + "\n\n" + format_stage_table(data)
+
+
+def run_in_interpreter(argv: Sequence[str]) -> int:
+    """Re-run ``fused-resnet <argv>`` in a child process with TRITON_INTERPRET=1.
+
+    The kernels can only be counted through the interpreter, which triton picks at import time.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.call([sys.executable, "-m", "fused_resnet", *argv], env=env)
