@@ -10,7 +10,7 @@ OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
 OLDEST_CONSTRAINTS := constraints/oldest.txt
 
-.PHONY: install install-oldest test test-oldest test-fast test-interpreter demo gpu bench clean
+.PHONY: install install-oldest test test-oldest test-zoo test-fast test-interpreter demo gpu bench clean
 
 # $(1): the virtual environment, $(2): its constraints file.
 define make_venv
@@ -27,8 +27,8 @@ endef
 # be set before import).
 define run_suite
 	$(MAKE) --no-print-directory gpu SMOKE=1 PYTHON=$(1)/bin/python OUT=$(1)/gpu-smoke
-	FUSED_RESNET_GPU_SMOKE_OUT=$(1)/gpu-smoke $(1)/bin/python -m pytest -q -m "not interpreter" tests
-	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m "interpreter or both" tests
+	FUSED_RESNET_GPU_SMOKE_OUT=$(1)/gpu-smoke $(1)/bin/python -m pytest -q -m "not interpreter and not zoo" tests
+	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m "(interpreter or both) and not zoo" tests
 endef
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -48,6 +48,12 @@ test: $(STAMP)
 # The whole suite on the oldest combination pyproject admits.
 test-oldest: $(OLDEST_STAMP)
 	$(call run_suite,$(OLDEST_VENV))
+
+# convert() over the whole model zoo (timm, torchvision, transformers): parity and the
+# count of tails left unfused; make test runs a representative subset.
+test-zoo: $(STAMP)
+	$(BIN)/python -m pytest -q -m "zoo and not interpreter" tests/test_convert_zoo.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "zoo and (interpreter or both)" tests/test_convert_zoo.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not interpreter and not aot" tests

@@ -20,10 +20,11 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .add_relu import add_relu
-from .convert import REPORT_ATTRIBUTE, ConversionReport, _set_submodule, _single_input, trace_forward
+from .convert import INLINED_ATTRIBUTE, REPORT_ATTRIBUTE, ConversionReport, _set_submodule
 from .convert import convert as convert_model
 from .nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, has_hooks, residual_matches
 from .nn.blocks import _FusedResidualBlock
+from .nn.matching import single_input, trace_forward
 
 __all__ = ["FoldedBatchNormAddReLU", "FoldedBatchNormReLU", "fold_bn"]
 
@@ -121,10 +122,13 @@ def _traced_pairs(module: nn.Module, pinned: set) -> Tuple[List[Tuple[str, str]]
     if isinstance(traced, str):
         return [], f"{type(module).__name__}: {traced}"
     calls: Dict[str, int] = {}
+    # Children whose forward convert inlined into this one: their modules are called from here only.
+    inlined = set(getattr(module, INLINED_ATTRIBUTE, ()))
     for node in traced.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             calls[node.target] = calls.get(node.target, 0) + 1
-            if "." in node.target:  # reached inside a child: that module must keep its meaning
+            if "." in node.target and node.target.rpartition(".")[0] not in inlined:
+                # Reached inside a child: that module must keep its meaning.
                 try:
                     pinned.add(id(module.get_submodule(node.target)))
                 except AttributeError:
@@ -135,7 +139,7 @@ def _traced_pairs(module: nn.Module, pinned: set) -> Tuple[List[Tuple[str, str]]
             continue
         conv = node.args[0] if node.args else None
         if (isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.users) == 1
-                and _single_input(conv) is not None and "." not in conv.target and "." not in node.target
+                and single_input(conv) is not None and "." not in conv.target and "." not in node.target
                 and calls[conv.target] == 1 and calls[node.target] == 1):
             pairs.append((conv.target, node.target))
     return pairs, None

@@ -13,6 +13,7 @@ import copy
 import functools
 import io
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -309,15 +310,20 @@ def hooked_block(channels):
     return block
 
 
+# Blocks whose forward cannot be proven to compute what a rewrite would: nothing in them changes.
 LEFT_ALONE = {
     "relu_before_add": (lambda: ResBlkStride(8, 8), "a ReLU comes before the add"),
     "no_return": (lambda: ResBlk(8, 8), "returns None"),
-    "pre_activation": (lambda: PreActBlock(8), "not a ReLU"),
-    "bn_used_twice": (lambda: BatchNormUsedTwice(8, 8), "'bn2' is used 2 times"),
     "untraceable": (lambda: DataDependentBlock(8, 8), "torch.fx cannot trace"),
     "training_branch": (lambda: TrainingBranchBlock(8, 8), "depends on self.training"),
     "hooks": (lambda: hooked_block(8), "has hooks"),
-    "inplace_into_input": (lambda: InplaceIntoInputBlock(8, 8), "in place"),
+}
+# Blocks with one unprovable tail: it stays (the BatchNorm named keeps its class, the report says
+# why), the provable pairs around it are fused.
+PARTLY_FUSED = {
+    "pre_activation": (lambda: PreActBlock(8), None, None),
+    "bn_used_twice": (lambda: BatchNormUsedTwice(8, 8), "bn2", "its output is read 2 times"),
+    "inplace_into_input": (lambda: InplaceIntoInputBlock(8, 8), "bn2", "writes in place"),
 }
 
 
@@ -348,13 +354,39 @@ def test_blocks_that_must_be_left_alone(case, training, capsys):
     assert [type(m) for m in converted.block.modules()] == [type(m) for m in original.block.modules()]
     assert type(converted.bn) is fnn.BatchNormReLU2d  # the rest of the model is still converted
     entries = [e for e in converted.fused_resnet_report.skipped if e.name.startswith("block")]
-    assert entries and reason in entries[0].detail, [str(e) for e in entries]
+    assert entries and all(reason in e.detail for e in entries), [str(e) for e in entries]
     capsys.readouterr()  # ResBlkStride prints while traced: nothing of it may leak
+    assert_same_model_results(original, converted, torch.randn(2, 3, 6, 6))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", PARTLY_FUSED.values(), ids=PARTLY_FUSED.keys())
+def test_unprovable_tails_stay_and_the_rest_is_fused(case, training):
+    make_block, trapped, reason = case
+    torch.manual_seed(0)
+    original = randomize_batchnorms(Holder(make_block())).train(training)
+    converted = convert(copy.deepcopy(original))
+    report = converted.fused_resnet_report
+    assert not isinstance(converted.block, fnn.FusedBasicBlock)
+    assert isinstance(converted.block, torch.fx.GraphModule)  # its forward is rewritten around the trap
+    assert type(converted.block.bn1) is fnn.BatchNormReLU2d
+    assert list(converted.state_dict()) == list(original.state_dict())
+    if trapped is None:
+        assert type(converted.block.bn2) is fnn.BatchNormReLU2d and not report.skipped
+    else:
+        assert type(converted.block.get_submodule(trapped)) is nn.BatchNorm2d
+        entry = report.entry(f"block.{trapped}")
+        assert entry.action == "skipped" and reason in entry.detail, str(entry)
     x = torch.randn(2, 3, 6, 6)
     if isinstance(original.block, InplaceIntoInputBlock):
-        x.requires_grad_(False)
+        # `x += out` writes into the stem's output: the rewritten forward must replay that write.
         with torch.no_grad():
             assert torch.equal(converted(x.clone()), original(x.clone()))
+            stems = [torch.relu(m.bn(m.conv(x))) if m is original else m.bn(m.conv(x)) for m in (original, converted)]
+            block_inputs = [s.clone() for s in stems]
+            original.block(block_inputs[0])
+            converted.block(block_inputs[1])
+            assert torch.equal(block_inputs[0], block_inputs[1]) and not torch.equal(block_inputs[0], stems[0])
         return
     assert_same_model_results(original, converted, x)
 
@@ -498,11 +530,40 @@ class WritesAttribute(nn.Module):
         return F.relu(self.bn(x))
 
 
+class AppendsToAList(nn.Module):
+    """Keeps what its BatchNorm computed: a fused BatchNorm would hand it the ReLU's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.seen = []
+
+    def forward(self, x):
+        y = self.bn(x)
+        self.seen.append(y)
+        return F.relu(y)
+
+
+class NoGradInside(nn.Module):
+    """A grad-mode switch torch.fx does not record: a rewritten forward would lose it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.conv(x)
+        return F.relu(self.bn(y))
+
+
 @pytest.mark.parametrize("make,bn_name,reason", [
     (ReachesIntoChild, "seq.1", "more than one place"),
     (UnregisteredModule, "bn", "torch.fx cannot trace"),
     (WritesAttribute, "bn", "writes module attributes"),
-], ids=["reaches_into_child", "unregistered_module", "writes_attribute"])
+    (AppendsToAList, "bn", "writes module attributes"),
+    (NoGradInside, "bn", "changes the grad mode"),
+], ids=["reaches_into_child", "unregistered_module", "writes_attribute", "appends_to_a_list", "no_grad_inside"])
 def test_batchnorm_next_to_a_relu_left_alone_when_unprovable(make, bn_name, reason):
     original = randomize_batchnorms(make())
     converted = convert(copy.deepcopy(original))
@@ -577,3 +638,411 @@ def test_unused_downsample_is_not_applied_by_a_twin():
     assert int(converted.downsample[1].num_batches_tracked) == 0
     with pytest.raises(ValueError):
         fnn.FusedBasicBlock.from_block(_UnusedDownsampleBlock())
+
+
+# -------------------------------------------------- tails across module boundaries (issue 10)
+
+
+class ConvLayer(nn.Module):
+    """transformers' ResNetConvLayer: conv, BatchNorm, activation (nn.Identity for a block's last)."""
+
+    def __init__(self, cin, cout, act=True):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.normalization = nn.BatchNorm2d(cout)
+        self.activation = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.activation(self.normalization(self.convolution(x)))
+
+
+class ShortCut(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, 1, bias=False)
+        self.normalization = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.normalization(self.convolution(x))
+
+
+class CrossModuleBlock(nn.Module):
+    """transformers' ResNetBasicLayer: the last BatchNorm in a child's child, the add and ReLU here."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.shortcut = ShortCut(cin, cout) if cin != cout else nn.Identity()
+        self.layer = nn.Sequential(ConvLayer(cin, cout), ConvLayer(cout, cout, act=False))
+        self.activation = nn.ReLU()
+
+    def forward(self, hidden_state):
+        residual = hidden_state
+        hidden_state = self.layer(hidden_state)
+        residual = self.shortcut(residual)
+        hidden_state += residual
+        return self.activation(hidden_state)
+
+
+class RegNetLikeBlock(nn.Module):
+    """torchvision's ResBottleneckBlock: ``activation(x + f(x))``, f's last BatchNorm in a Sequential."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout)) if cin != cout else None
+        self.f = nn.Sequential(OrderedDict(
+            a=nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)),
+            c=nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))))
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if self.proj is not None:
+            x = self.proj(x) + self.f(x)
+        else:
+            x = x + self.f(x)
+        return self.activation(x)
+
+
+class Gate(nn.Module):
+    """A squeeze-excitation gate: reads its input twice."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+
+
+class GatedBlock(nn.Module):
+    """timm's SE Bottleneck: a gate between the last BatchNorm and the add."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.act1 = nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.se = Gate()
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+                           if cin != cout else None)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.se(self.bn2(self.conv2(x)))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act2(x)
+
+
+class DropPathLike(nn.Module):
+    """timm's DropPath: a no-op at probability 0, in train and eval."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        return F.dropout(x, self.p, True)
+
+
+class Res2NetLike(nn.Module):
+    """timm's Bottle2neck: BatchNorms in a ModuleList used in a loop, one ReLU module shared by all."""
+
+    def __init__(self, c=8, scale=2):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c * scale, 1, bias=False), nn.BatchNorm2d(c * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1, bias=False) for _ in range(scale))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(scale))
+        self.conv3, self.bn3 = nn.Conv2d(c * scale, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.width = c
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        spx = torch.split(out, self.width, 1)
+        spo = []
+        sp = spx[0]  # unused, as timm's
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            spo.append(self.relu(bn(conv(sp))))
+        out = self.bn3(self.conv3(torch.cat(spo, 1)))
+        out += x
+        return self.relu(out)
+
+
+def _converted_pair(make, shape, training=True):
+    torch.manual_seed(0)
+    original = randomize_batchnorms(make()).train(training)
+    model = copy.deepcopy(original)
+    parameters = dict(model.named_parameters())
+    converted = convert(model)
+    # The same Parameter objects, the same names and state_dict keys.
+    assert all(p is parameters[name] for name, p in converted.named_parameters())
+    assert [n for n, _ in converted.named_modules()] == [n for n, _ in original.named_modules()]
+    assert list(converted.state_dict()) == list(original.state_dict())
+    return original, converted, image(shape)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels", [(4, 8), (8, 8)], ids=["shortcut_bn", "identity"])
+def test_tail_across_module_boundaries_transformers_style(channels, training):
+    original, converted, x = _converted_pair(lambda: nn.Sequential(CrossModuleBlock(*channels)), (2, channels[0], 6, 6),
+                                             training)
+    block = converted[0]
+    assert isinstance(block, torch.fx.GraphModule) and type(original[0]).__name__ == type(block).__name__
+    assert type(block.layer[0].normalization) is fnn.BatchNormReLU2d and type(block.layer[0].activation) is nn.Identity
+    assert type(block.layer[1].normalization) is fnn.BatchNormAddReLU2d
+    if channels[0] != channels[1]:  # the shortcut's BatchNorm is fused into the same op, and stays a BatchNorm2d
+        assert type(block.shortcut.normalization) is nn.BatchNorm2d
+        assert "with shortcut BatchNorm 'shortcut.normalization'" in converted.fused_resnet_report.entry("0").detail
+    assert not converted.fused_resnet_report.skipped
+    assert_same_model_results(original, converted, x, steps=2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels", [(4, 8), (8, 8)], ids=["proj", "identity"])
+def test_tail_across_module_boundaries_torchvision_regnet_style(channels, training):
+    original, converted, x = _converted_pair(lambda: RegNetLikeBlock(*channels), (2, channels[0], 6, 6), training)
+    assert isinstance(converted, torch.fx.GraphModule)  # the root's own forward holds the add
+    assert type(converted.f.a[1]) is fnn.BatchNormReLU2d and type(converted.f.c[1]) is fnn.BatchNormAddReLU2d
+    assert channels[0] == channels[1] or type(converted.proj[1]) is nn.BatchNorm2d
+    assert not converted.fused_resnet_report.skipped
+    assert_same_model_results(original, converted, x, steps=2)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels", [(4, 8), (8, 8)], ids=["shortcut_bn_is_the_fused_one", "add_relu"])
+def test_gate_between_the_batchnorm_and_the_add(channels, training):
+    original, converted, x = _converted_pair(lambda: nn.Sequential(GatedBlock(*channels)), (2, channels[0], 6, 6),
+                                             training)
+    block, report = converted[0], converted.fused_resnet_report
+    assert type(block.bn1) is fnn.BatchNormReLU2d
+    assert type(block.bn2) is nn.BatchNorm2d and "read 2 times" in report.entry("0.bn2").detail
+    if block.downsample is not None:  # the shortcut's BatchNorm takes the gate's output as its residual
+        assert type(block.downsample[1]) is fnn.BatchNormAddReLU2d
+    else:
+        assert "add_relu" in report.entry("0").detail
+    assert_same_model_results(original, converted, x, steps=2)
+
+
+class TailVariants(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)`` written each way a forward writes it."""
+
+    def __init__(self, add, relu, between):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.between = between
+        self.add, self.relu_kind = add, relu
+
+    def apply_relu(self, t):
+        return {"module": self.relu, "relu_": torch.relu_, "F.relu_inplace": lambda v: F.relu(v, inplace=True),
+                "method": lambda v: v.relu(), "F.relu": F.relu}[self.relu_kind](t)
+
+    def forward(self, x):
+        out = self.apply_relu(self.between(self.bn1(self.conv1(x))))
+        out = self.between(self.bn2(self.conv2(out)))
+        if self.add == "iadd":
+            out += x
+        elif self.add == "add_":
+            out = out.add_(x)
+        elif self.add == "torch.add":
+            out = torch.add(x, out)
+        else:
+            out = x + out
+        return self.apply_relu(out)
+
+
+@pytest.mark.parametrize("between", [nn.Identity, lambda: nn.Dropout(0.0), DropPathLike],
+                         ids=["identity", "dropout0", "droppath0"])
+@pytest.mark.parametrize("add,relu", [("iadd", "module"), ("add_", "relu_"), ("torch.add", "F.relu_inplace"),
+                                      ("operator", "method"), ("iadd", "F.relu")])
+def test_every_way_of_writing_the_tail(add, relu, between):
+    for training in (True, False):
+        original, converted, x = _converted_pair(lambda: TailVariants(add, relu, between()), (2, 4, 5, 5), training)
+        assert type(converted.bn1) is fnn.BatchNormReLU2d and type(converted.bn2) is fnn.BatchNormAddReLU2d, \
+            str(converted.fused_resnet_report)
+        assert_same_model_results(original, converted, x)
+
+
+def test_dropout_with_a_probability_is_not_a_no_op():
+    original, converted, x = _converted_pair(lambda: TailVariants("iadd", "module", nn.Dropout(0.5)), (2, 4, 5, 5))
+    assert type(converted.bn1) is nn.BatchNorm2d and type(converted.bn2) is nn.BatchNorm2d
+    assert "Dropout" in converted.fused_resnet_report.entry("bn1").detail
+    assert_same_model_results(original, converted, x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batchnorms_in_a_module_list_loop_with_a_shared_relu(training):
+    original, converted, x = _converted_pair(Res2NetLike, (2, 8, 5, 5), training)
+    assert isinstance(converted, torch.fx.GraphModule)
+    assert type(converted.bn1) is fnn.BatchNormReLU2d and all(type(bn) is fnn.BatchNormReLU2d for bn in converted.bns)
+    assert type(converted.bn3) is fnn.BatchNormAddReLU2d and type(converted.relu) is nn.ReLU
+    assert not converted.fused_resnet_report.skipped
+    assert_same_model_results(original, converted, x, steps=2)
+
+
+class SumReadTwice(nn.Module):
+    """The add's output feeds the ReLU and the return: the ReLU's input is used elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        s = self.bn(self.conv(x)) + x
+        return F.relu(s) + s
+
+
+class InputChangesBeforeTheAdd(nn.Module):
+    """The BatchNorm's input is written in place after the BatchNorm reads it and before the add:
+    a BatchNorm moved to the add would read the new values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.inplace_relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b = self.bn(y)
+        z = self.inplace_relu(y)
+        return F.relu(b + z)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (SumReadTwice, "is read 2 times"),
+    (InputChangesBeforeTheAdd, "could change before the moved BatchNorm reads it"),
+], ids=["sum_read_twice", "input_changes_before_the_add"])
+def test_tails_that_must_stay_unfused(make, reason):
+    for training in (True, False):
+        original, converted, x = _converted_pair(make, (2, 4, 5, 5), training)
+        assert type(converted.bn) is nn.BatchNorm2d
+        assert reason in converted.fused_resnet_report.entry("bn").detail, str(converted.fused_resnet_report)
+        if make is InputChangesBeforeTheAdd:  # its in-place write breaks autograd: compare forwards
+            with torch.no_grad():
+                assert torch.equal(converted(x), original(x))
+            continue
+        assert_same_model_results(original, converted, x)
+
+
+class ScaledStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, scale):
+        return F.relu(self.bn(self.conv(x))) * scale
+
+
+class CallsWithAConstant(nn.Module):
+    """Calls its child with a Python number: the child's own trace (a placeholder for ``scale``) is
+    not what this call computes, so the rewrite happens here, with the child inlined."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ScaledStem()
+
+    def forward(self, x):
+        return self.stem(x, 2.0)
+
+
+def test_a_child_called_with_python_values_is_rewritten_in_its_caller():
+    original, converted, x = _converted_pair(CallsWithAConstant, (2, 3, 5, 5))
+    assert isinstance(converted, torch.fx.GraphModule) and type(converted.stem) is ScaledStem
+    assert type(converted.stem.bn) is fnn.BatchNormReLU2d
+    assert_same_model_results(original, converted, x)
+
+
+def test_a_rewritten_forward_keeps_an_inplace_add_after_pickling():
+    """An unfused ``x += out`` into the block's input stays in place in the GraphModule, and after
+    a pickle round trip (which re-traces the generated code)."""
+    original, converted, x = _converted_pair(lambda: InplaceIntoInputBlock(4, 4), (2, 4, 5, 5))
+    assert isinstance(converted, torch.fx.GraphModule)
+    results = []
+    with torch.no_grad():
+        for model in (original, converted, pickle.loads(pickle.dumps(converted))):
+            given = x.clone()
+            results.append((model(given), given))
+    assert not torch.equal(results[0][1], x)  # the block wrote into its input
+    for out, given in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(given, results[0][1])
+
+
+def test_fold_bn_after_a_cross_module_rewrite():
+    from fused_resnet.fold_bn import fold_bn
+
+    torch.manual_seed(0)
+    original = randomize_batchnorms(nn.Sequential(CrossModuleBlock(4, 8), CrossModuleBlock(8, 8))).double().eval()
+    folded = fold_bn(copy.deepcopy(original))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules()), str(
+        folded.fused_resnet_report)
+    x = image((2, 4, 6, 6)).double()
+    with torch.no_grad():
+        expected, actual = original(x), folded(x)
+    assert (actual - expected).abs().max() <= 1e-12 * expected.abs().max()
+
+
+# ------------------------------------------------------------------------ timm's BatchNormAct2d
+
+
+def _norm_act(**kwargs):
+    norm_act = pytest.importorskip("timm.layers.norm_act", reason="timm is an optional test dependency")
+    return norm_act.BatchNormAct2d(4, **kwargs)
+
+
+class NormActBlock(nn.Module):
+    """timm's ConvNormAct stages: BatchNormAct2d with a ReLU, then one without activation, add, ReLU."""
+
+    def __init__(self, first_act=nn.ReLU):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), _norm_act(act_layer=first_act)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), _norm_act(apply_act=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.bn2(self.conv2(self.bn1(self.conv1(x)))) + x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_timm_batchnorm_act(training):
+    original, converted, x = _converted_pair(NormActBlock, (2, 4, 5, 5), training)
+    assert type(converted.bn1) is fnn.BatchNormReLU2d and type(converted.bn2) is fnn.BatchNormAddReLU2d
+    assert type(converted.bn1.act) is nn.ReLU  # still registered: the module tree is the original's
+    assert converted.fused_resnet_report.entry("bn1").detail.startswith("BatchNormAct2d -> BatchNormReLU2d")
+    assert_same_model_results(original, converted, x, steps=2)
+
+
+def test_timm_batchnorm_act_with_another_activation_is_left_and_says_why():
+    original, converted, x = _converted_pair(lambda: NormActBlock(first_act=nn.SiLU), (2, 4, 5, 5))
+    assert type(converted.bn1).__name__ == "BatchNormAct2d"
+    assert "its activation is SiLU, not a ReLU" in converted.fused_resnet_report.entry("bn1").detail
+    assert type(converted.bn2) is fnn.BatchNormAddReLU2d
+    assert_same_model_results(original, converted, x)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS.values(), ids=FORMATS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cross_module_rewrites_keep_dtype_and_memory_format(dtype, memory_format):
+    def make():
+        return nn.Sequential(CrossModuleBlock(4, 8), RegNetLikeBlock(8, 8), GatedBlock(8, 8), Res2NetLike(8))
+
+    torch.manual_seed(0)
+    original = randomize_batchnorms(make()).to(dtype=dtype, memory_format=memory_format)
+    converted = convert(copy.deepcopy(original))
+    assert all(p.dtype == dtype for p in converted.parameters())
+    x = image((2, 4, 6, 6), dtype=dtype, memory_format=memory_format)
+    assert_same_model_results(original, converted, x)
+    with torch.no_grad():
+        assert converted.eval()(x).is_contiguous(memory_format=memory_format)
+
+
+def test_cross_module_rewrites_compile_without_graph_breaks():
+    torch.manual_seed(0)
+    converted = convert(randomize_batchnorms(nn.Sequential(CrossModuleBlock(4, 8), RegNetLikeBlock(8, 8),
+                                                           GatedBlock(8, 8)))).eval()
+    x = image((2, 4, 6, 6))
+    compiled = torch.compile(converted, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), converted(x))

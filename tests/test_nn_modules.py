@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models import resnet as tv
 
 from fused_resnet.nn import BatchNormAddReLU2d, BatchNormReLU2d, FusedBasicBlock, FusedBottleneck, FusedResidual
+from fused_resnet.nn.batchnorm import plain_batchnorm
 from reference import PARAM_TOLERANCES
 from seed_blocks import (
     ResBlkStride,
@@ -172,6 +173,22 @@ def test_from_batchnorm_shares_parameters_buffers_and_mode():
     assert "extra" not in bn._buffers
     with pytest.raises(TypeError, match="bn must be an nn.BatchNorm2d"):
         BatchNormReLU2d.from_batchnorm(nn.LayerNorm(4))
+
+
+def test_plain_batchnorm_of_a_subclass_shares_its_state_and_computes_batchnorm2d():
+    class WithSubmodule(nn.BatchNorm2d):  # timm's BatchNormAct2d without activation: same math, extra children
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.Identity()
+
+    bn = randomize_batchnorms(WithSubmodule(3))
+    plain = plain_batchnorm(bn)
+    assert type(plain) is nn.BatchNorm2d and plain.weight is bn.weight and plain.running_var is bn.running_var
+    assert type(plain.act) is nn.Identity and list(plain.state_dict()) == list(bn.state_dict())
+    x = torch.randn(SHAPE)
+    assert torch.equal(plain(x), nn.BatchNorm2d.forward(copy.deepcopy(bn), x))
+    with pytest.raises(TypeError, match="bn must be an nn.BatchNorm2d"):
+        plain_batchnorm(nn.LayerNorm(3))
 
 
 def test_fused_batchnorm_checks_input_dims_like_batchnorm2d():

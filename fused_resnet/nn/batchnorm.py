@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..bn_add_relu import bn_add_bn_relu, bn_add_relu, bn_relu
 
 __all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "batch_norm_arguments", "has_hooks", "is_plain_batchnorm",
-           "residual_matches"]
+           "plain_batchnorm", "residual_matches"]
 
 _BN = TypeVar("_BN", bound="nn.BatchNorm2d")
 
@@ -33,6 +33,26 @@ def has_hooks(module: nn.Module) -> bool:
 def is_plain_batchnorm(module: Any) -> bool:
     """True for an ``nn.BatchNorm2d`` itself (no subclass, no hooks): its math is known."""
     return type(module) is nn.BatchNorm2d and not has_hooks(module)
+
+
+def plain_batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """An ``nn.BatchNorm2d`` (the class itself) computing with ``bn``'s own parameters and buffers.
+
+    For a subclass whose forward computes exactly ``nn.BatchNorm2d``'s (timm's
+    ``BatchNormAct2d`` without activation): as the class itself, a fused op knows its
+    math and can take it as the shortcut's BatchNorm. Nothing is copied: the Parameter
+    and buffer objects, hyper-parameters, mode and registered submodules are shared.
+    """
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    plain = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
+    plain.__dict__.update(bn.__dict__)
+    # Own containers, shared tensors (as _FusedBatchNorm2d.from_batchnorm).
+    for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
+                 "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+        if name in bn.__dict__:
+            plain.__dict__[name] = type(bn.__dict__[name])(bn.__dict__[name])
+    return plain
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, has_hooks, is_plain_batchnorm
+from .matching import twin_mismatch
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResidual"]
 
@@ -153,8 +154,6 @@ class _FusedResidualBlock(nn.Module):
         if not isinstance(block, nn.Module):
             raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
         if verify:
-            from ..convert import twin_mismatch  # lazy: convert imports this module
-
             reason = twin_mismatch(block, cls)
             if reason is not None:
                 raise ValueError(f"block ({type(block).__name__}) cannot become a {cls.__name__}: {reason}")

@@ -1,0 +1,824 @@
+"""1x1 convolutions as GEMMs with BatchNorm in their prologue and epilogue.
+
+In channels_last a 1x1 convolution (groups 1, no padding) is a plain matrix product:
+the input is A[M, C_in] with one row per output pixel, M = N * H_out * W_out (stride 2
+picks every other pixel by index arithmetic, no copy), the weight is W[C_out, C_in], and
+the output Y[M, C_out] = A x W^T (+ bias) is the channels_last output itself. At ResNet
+shapes these GEMMs are memory-bound, so extra elementwise work on their tiles is almost
+free, while every pass it replaces is a full read or write of an activation.
+
+Kernels, read top to bottom (the tiling follows Triton's matrix-multiplication tutorial):
+
+1. ``conv1x1_forward_kernel``: Y = A x W^T (+ bias), with optionally
+   - PROLOGUE: A is relu(bn(x)) of the previous BatchNorm, computed on each tile as it
+     is loaded (fp32, rounded to the input dtype where eager PyTorch stores a), so a is
+     never written;
+   - STATS: per (M tile, channel) mean and M2 of the stored output, for the BatchNorm
+     that follows; ``conv1x1_stats_merge_kernel`` merges them in a fixed order with
+     Chan's formula, and ``bn_stats``' finalize derives invstd and updates the running
+     statistics exactly as for any other BatchNorm;
+   - EVAL_BN: the following BatchNorm folded from its running statistics, an optional
+     residual add and a ReLU (eval: conv + bn + add + relu is this one kernel).
+2. ``conv1x1_dgrad_kernel``: dA = dY x W. With a prologue, its epilogue applies the
+   ReLU's backward (the mask recomputed from the saved x, bitwise the forward's) and
+   writes g with the per-(M tile, channel) partial sums of g and g * (x - mean) that
+   the BatchNorm backward needs; ``bn_add_relu``'s finalize and dx kernels then finish
+   it in one elementwise pass. Optionally adds another gradient into dA, or reduces over
+   a second convolution of the same input too (a block's conv1 and stride-1
+   downsample), so x's gradient is written once and never summed in a pass of its own.
+3. ``conv1x1_wgrad_kernel``: dW = dY^T x A with A recomputed from x in its prologue,
+   split over M into fp32 partials that ``split_sum_kernel`` adds in a fixed order
+   (plus the bias gradient, sum dY over M). No atomics anywhere: the same input gives
+   the same bits on every run.
+
+Tiles come from ``gemm_tiles``, a deterministic rule of the shape, dtype and target.
+``aot_launches`` yields the launches a FusedConvBottleneck makes at ResNet-50 shapes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .bn_add_relu import (
+    FINALIZE_BLOCK_C,
+    FINALIZE_BLOCK_P,
+    RESIDUAL_NONE,
+    ChannelNorm,
+    bn_add_relu_backward_dx,
+    bn_add_relu_backward_finalize_kernel,
+    channel_affine,
+    normalize,
+    relu_grad,
+)
+from .bn_stats import bn_stats_finalize_kernel
+from .layout import TARGET_PROGRAMS, layout_of
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def pixel_offsets(m, HWo, Wo, row_stride, stride_n, stride_h, stride_w, SAMPLED: tl.constexpr):
+    """64-bit offset of the first channel of output pixel m's input pixel (row m of A).
+
+    Dense NHWC: rows are contiguous (m * C). SAMPLED (stride > 1): m = (n, ho, wo)
+    reads pixel (n, ho * s, wo * s); the strides passed already include s.
+    """
+    if SAMPLED:
+        n = m // HWo
+        r = m - n * HWo
+        ho = r // Wo
+        wo = r - ho * Wo
+        return n.to(tl.int64) * stride_n + ho.to(tl.int64) * stride_h + wo.to(tl.int64) * stride_w
+    return m.to(tl.int64) * row_stride
+
+
+@triton.jit
+def rounded(x, DTYPE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """fp32 x rounded to DTYPE, to nearest (ties to even) as a GPU's conversion rounds.
+
+    INTERPRETER_BF16: Triton's interpreter truncates fp32 -> bf16 casts (and its explicit
+    "rtne" drops the carry into the exponent), so the rounding is done on the bits first.
+    """
+    if INTERPRETER_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+@triton.jit
+def bn_relu_operand(x, mask, mean, scale, shift, DTYPE: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """a = relu(bn(x)) as eager PyTorch materialises it (fp32 math, rounded to DTYPE), and
+    exactly 0 outside the tile's mask (a tail of K must add nothing to the dot)."""
+    pre = normalize(x.to(tl.float32), mean[None, :], scale[None, :], shift[None, :])
+    a = rounded(tl.where(pre < 0.0, 0.0, pre), DTYPE, INTERPRETER_BF16)  # NaN kept, as relu_stored
+    return tl.where(mask, a, 0.0).to(DTYPE)
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr):
+    """acc + a x b with fp32 accumulation.
+
+    INTERPRETER_BF16: Triton's interpreter multiplies bf16 operands as their uint16
+    storage, so they go in as fp32 (exact for bf16 products).
+    """
+    if INTERPRETER_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, GROUP_M row tiles sharing each column sweep so the
+    weight and input tiles they share stay in L2 (the tutorial's grouped ordering)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+# ------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def conv1x1_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, r_ptr, partial_ptr,
+    p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
+    e_mean_ptr, e_var_ptr, e_w_ptr, e_b_ptr,
+    M, N, K, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, stride_wn, stride_wk, e_eps,
+    SAMPLED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PROLOGUE: tl.constexpr, P_HAS_WEIGHT: tl.constexpr, P_HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr, EVAL_BN: tl.constexpr, E_HAS_WEIGHT: tl.constexpr, E_HAS_BIAS: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m < M
+    n_mask = n < N
+    rows = pixel_offsets(m, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, SAMPLED)
+    w_cols = n.to(tl.int64) * stride_wn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(x_ptr + rows[:, None] + k[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE:
+            mean, scale, shift = channel_affine(k, k_mask, p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, 0.0,
+                                                False, P_HAS_WEIGHT, P_HAS_BIAS)
+            a = bn_relu_operand(a, a_mask, mean, scale, shift, x_ptr.dtype.element_ty, INTERPRETER_BF16)
+        b = tl.load(w_ptr + k.to(tl.int64)[:, None] * stride_wk + w_cols[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, INPUT_PRECISION, INTERPRETER_BF16)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offsets = m.to(tl.int64)[:, None] * N + n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if EVAL_BN:
+        e_mean, e_scale, e_shift = channel_affine(n, n_mask, e_mean_ptr, e_var_ptr, e_w_ptr, e_b_ptr, e_eps,
+                                                  True, E_HAS_WEIGHT, E_HAS_BIAS)
+        acc = normalize(acc, e_mean[None, :], e_scale[None, :], e_shift[None, :])
+    if ADD_RESIDUAL:
+        acc += tl.load(r_ptr + out_offsets, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN kept, as torch.relu
+    y = rounded(acc, y_ptr.dtype.element_ty, INTERPRETER_BF16)
+    tl.store(y_ptr + out_offsets, y, mask=mask)
+
+    if STATS:
+        # The statistics of y as stored (what eager's BatchNorm reads), two passes over the
+        # tile in registers: the tile's mean, then M2 about it (no E[y^2] - E[y]^2).
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        v = tl.where(m_mask[:, None], y.to(tl.float32), 0.0)
+        tile_mean = tl.sum(v, axis=0) / count
+        d = tl.where(m_mask[:, None], v - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(d * d, axis=0)
+        # Partials are laid out [num_m_tiles, 2, N]: mean, M2 (the count follows from pid_m).
+        out = partial_ptr + pid_m.to(tl.int64) * 2 * N + n
+        tl.store(out, tile_mean, mask=n_mask)
+        tl.store(out + N, tile_m2, mask=n_mask)
+
+
+@triton.jit
+def conv1x1_stats_merge_kernel(
+    partial_ptr, merged_ptr, C, num_tiles, M, tile_rows,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merges the per-tile (mean, M2) of each channel in a fixed order and writes
+    merged[3, C] = (0, M2, mean): the [1, 2, C] shifted-sums partial of ``bn_stats``'
+    finalize (shift = mean, so the sum of deviations is 0) followed by the shift."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    p = tl.arange(0, BLOCK_P)
+    # Block means are taken relative to the first tile's mean, which keeps their sums
+    # small when |mean| >> std.
+    shift = tl.load(partial_ptr + c, mask=c_mask & (num_tiles > 0), other=0.0)
+    n_a = 0.0
+    mean_a = shift
+    m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, num_tiles, BLOCK_P):
+        t = p0 + p
+        t_mask = t < num_tiles
+        cnt = tl.where(t_mask, tl.minimum(M - t * tile_rows, tile_rows), 0).to(tl.float32)
+        mask = t_mask[:, None] & c_mask[None, :]
+        base = partial_ptr + t.to(tl.int64)[:, None] * 2 * C + c[None, :]
+        tile_mean = tl.load(base, mask=mask, other=0.0)
+        tile_m2 = tl.load(base + C, mask=mask, other=0.0)
+        # The block of tiles (parallel formula), then Chan's update into the running merge.
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = shift + tl.sum(cnt[:, None] * (tile_mean - shift[None, :]), axis=0) / n_b
+        dev = tl.where(mask, tile_mean - mean_b[None, :], 0.0)
+        m2_b = tl.sum(tile_m2 + cnt[:, None] * dev * dev, axis=0)
+        n_ab = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n_ab)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
+        n_a = n_ab
+    tl.store(merged_ptr + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=c_mask)
+    tl.store(merged_ptr + C + c, m2_a, mask=c_mask)
+    tl.store(merged_ptr + 2 * C + c, mean_a, mask=c_mask)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def conv1x1_dgrad_kernel(
+    dy_ptr, w_ptr, out_ptr, add_ptr, x_ptr, partial_ptr, dy2_ptr, w2_ptr,
+    p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
+    M, N, K, N2, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, stride_wn, stride_wk,
+    stride_w2n, stride_w2k,
+    SAMPLED: tl.constexpr, PROLOGUE: tl.constexpr, P_HAS_WEIGHT: tl.constexpr, P_HAS_BIAS: tl.constexpr,
+    ADD: tl.constexpr, SECOND: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M rows of x, K] = dY[M, N] x W[N, K] (+ add): here N is C_out (the reduction)
+    and K is C_in (the output columns). SECOND: + dY2[M, N2] x W2[N2, K], a second
+    stride-1 convolution of the same x (a block's conv1 and its downsample), one
+    reduction over both: x's gradient is written once, never summed afterwards.
+    PROLOGUE: out is g, the gradient past the ReLU, and partials[pid_m, 0:2, :] get
+    sum g and sum g * (x - mean) of the tile."""
+    pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = m < M
+    k_mask = k < K
+    dy_rows = m.to(tl.int64) * N
+    w_cols = k.to(tl.int64) * stride_wk
+
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < N
+        dy = tl.load(dy_ptr + dy_rows[:, None] + n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + w_cols[None, :],
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = mma(dy, w, acc, INPUT_PRECISION, INTERPRETER_BF16)
+    if SECOND:
+        dy2_rows = m.to(tl.int64) * N2
+        w2_cols = k.to(tl.int64) * stride_w2k
+        for n0 in range(0, N2, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n < N2
+            dy = tl.load(dy2_ptr + dy2_rows[:, None] + n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                         other=0.0)
+            w = tl.load(w2_ptr + n.to(tl.int64)[:, None] * stride_w2n + w2_cols[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc = mma(dy, w, acc, INPUT_PRECISION, INTERPRETER_BF16)
+
+    offsets = pixel_offsets(m, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, SAMPLED)[:, None] + k[None, :]
+    mask = m_mask[:, None] & k_mask[None, :]
+    if ADD:
+        acc += tl.load(add_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if PROLOGUE:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean, scale, shift = channel_affine(k, k_mask, p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, 0.0,
+                                            False, P_HAS_WEIGHT, P_HAS_BIAS)
+        # dA as eager stores it (rounded), then its ReLU backward with the forward's own mask.
+        da = rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16).to(tl.float32)
+        g = relu_grad(da, 0.0, x, 0.0, mean[None, :], scale[None, :], shift[None, :],
+                      mean[None, :], scale[None, :], shift[None, :], True, False, x_ptr.dtype.element_ty)
+        g = tl.where(mask, g, 0.0)
+        tl.store(out_ptr + offsets, g.to(out_ptr.dtype.element_ty), mask=mask)
+        # Partials in bn_add_relu's [num_partials, 3, K] layout (the third row is unused here).
+        out = partial_ptr + pid_m.to(tl.int64) * 3 * K + k
+        tl.store(out, tl.sum(g, axis=0), mask=k_mask)
+        tl.store(out + K, tl.sum(tl.where(mask, g * (x - mean[None, :]), 0.0), axis=0), mask=k_mask)
+    else:
+        tl.store(out_ptr + offsets, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
+def conv1x1_wgrad_kernel(
+    dy_ptr, x_ptr, partial_ptr, bias_partial_ptr,
+    p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
+    M, N, K, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, rows_per_split,
+    SAMPLED: tl.constexpr, PROLOGUE: tl.constexpr, P_HAS_WEIGHT: tl.constexpr, P_HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """partials[split, N, K] = dY[rows of the split, N]^T x A[rows, K] in fp32, A =
+    relu(bn(x)) recomputed with the forward's expression when PROLOGUE. BIAS_GRAD: the
+    programs of the first K tile also write bias_partials[split, N] = sum of dY."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = n < N
+    k_mask = k < K
+    if PROLOGUE:
+        mean, scale, shift = channel_affine(k, k_mask, p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, 0.0,
+                                            False, P_HAS_WEIGHT, P_HAS_BIAS)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = m < m_end
+        dy = tl.load(dy_ptr + m.to(tl.int64)[:, None] * N + n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        rows = pixel_offsets(m, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, SAMPLED)
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        a = tl.load(x_ptr + rows[:, None] + k[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE:
+            a = bn_relu_operand(a, a_mask, mean, scale, shift, x_ptr.dtype.element_ty, INTERPRETER_BF16)
+        acc = mma(tl.trans(dy), a, acc, INPUT_PRECISION, INTERPRETER_BF16)
+        if BIAS_GRAD:
+            acc_b += tl.sum(dy.to(tl.float32), axis=0)
+
+    out = partial_ptr + pid_s.to(tl.int64) * N * K + n.to(tl.int64)[:, None] * K + k[None, :]
+    tl.store(out, acc, mask=n_mask[:, None] & k_mask[None, :])
+    if BIAS_GRAD:
+        if pid_k == 0:
+            tl.store(bias_partial_ptr + pid_s.to(tl.int64) * N + n, acc_b, mask=n_mask)
+
+
+@triton.jit
+def split_sum_kernel(partial_ptr, out_ptr, numel, num_splits, INTERPRETER_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over s of partials[s, i], s in order (bitwise reproducible)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    ptrs = partial_ptr + i.to(tl.int64)
+    for _ in range(num_splits):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += numel  # pointer arithmetic: 64-bit however many splits
+    tl.store(out_ptr + i, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+# ---------------------------------------------------------------------------- tile rule
+
+
+@dataclass(frozen=True)
+class GemmTiles:
+    """One GEMM's tiles: rows (BLOCK_M), output columns (BLOCK_N), reduction (BLOCK_K)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# The interpreter runs tl.dot as a numpy matmul per program: small tiles keep it quick.
+INTERPRETER_TILES = GemmTiles(16, 16, 16, group_m=4, num_warps=1, num_stages=1)
+SPLIT_SUM_BLOCK = 1024
+STATS_MERGE_BLOCK_C = 64
+STATS_MERGE_BLOCK_P = 32
+
+
+def _pow2_between(n: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(n, 1))))
+
+
+def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: str = "ieee",
+               heavy_epilogue: bool = False, b_prologue: bool = False) -> GemmTiles:
+    """The tiles of an [M, K] x [K, N] GEMM on ``target``, a deterministic rule.
+
+    ``target``: a ``triton.backends.compiler.GPUTarget`` (backend "cuda" / "hip"), or
+    None for the interpreter. Tensor-core GEMMs: 128x128 output tiles (smaller for small
+    M / N, never below 16, tl.dot's minimum), 64 output columns under a heavy epilogue
+    (a residual and a folded BatchNorm next to the accumulator, which would spill at
+    128); the reduction tile is 128 bytes of a row (64 x 16-bit, 32 x fp32) on NVIDIA,
+    half that on AMD, whose 64 KiB of LDS must hold the stages: (BLOCK_M + BLOCK_N) *
+    BLOCK_K * bytes <= 32 KiB a stage. Eight warps from 128x128 up, and for a BatchNorm
+    prologue on the second operand (the weight gradient's recomputed activation, which
+    spills on sm_80 with four). fp32 without TF32 on NVIDIA runs on the FMA units:
+    64x64x16 tiles on eight warps, two stages (software pipelining of a prologue on the
+    FMA path beyond two stages, 32-deep tiles, or one stage on sm_90a spill).
+    """
+    if target is None:
+        return INTERPRETER_TILES
+    size = torch.empty((), dtype=dtype).element_size()
+    cuda = target.backend == "cuda"
+    if cuda and dtype == torch.float32 and precision == "ieee":
+        return GemmTiles(_pow2_between(M, 16, 64), _pow2_between(N, 16, 64), 16, 8, 8, 2)
+    block_m = _pow2_between(M, 16, 128)
+    block_n = _pow2_between(N, 16, 64 if heavy_epilogue else 128)
+    block_k = _pow2_between(K, 16, (128 if cuda else 64) // size)
+    warps = 8 if (block_m * block_n >= 128 * 128 or b_prologue) else 4
+    if cuda:
+        return GemmTiles(block_m, block_n, block_k, 8, warps, 3 if target.arch == 80 else 4)
+    return GemmTiles(block_m, block_n, block_k, 8, warps, 2)
+
+
+def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target) -> tuple[int, int]:
+    """(num_splits, rows_per_split) of the weight gradient's reduction over M.
+
+    About TARGET_PROGRAMS programs in all, each split a whole number of BLOCK_M rows, and
+    on a GPU the fp32 partials (written and read once) at most 1/8 of the operands'
+    bytes. The interpreter splits by rows alone, so small tests combine several splits.
+    """
+    out_tiles = triton.cdiv(N, tiles.block_n) * triton.cdiv(K, tiles.block_k)
+    by_programs = max(1, TARGET_PROGRAMS // out_tiles)
+    by_traffic = max(1, (M * (N + K) * size) // (64 * N * K)) if target is not None else by_programs
+    by_rows = max(1, triton.cdiv(M, tiles.block_m))
+    splits = min(by_programs, by_traffic, by_rows)
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), tiles.block_m) * tiles.block_m
+    return triton.cdiv(M, rows_per_split) if M > 0 else 1, rows_per_split
+
+
+def target_of(device: torch.device):
+    """The GPUTarget of ``device`` (its current driver), or None on a CPU (the interpreter).
+
+    The launchers take ``target=None`` as "the target of the input's device"; ahead-of-time
+    compilation passes a GPUTarget instead."""
+    if device.type == "cpu":
+        return None
+    return triton.runtime.driver.active.get_current_target()
+
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool, target) -> str:
+    """tl.dot's input_precision: TF32 for fp32 exactly when the convolution it replaces
+    would use it (``torch.backends.cudnn.allow_tf32``) and the target has it."""
+    if dtype != torch.float32 or not allow_tf32 or target is None:
+        return "ieee"
+    if target.backend == "cuda" or target.arch == "gfx942":
+        return "tf32"
+    return "ieee"
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A 1x1 convolution's GEMM: M output pixels of an NHWC input, C_in -> C_out."""
+
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    stride: int
+
+    @property
+    def H_out(self) -> int:
+        return (self.H - 1) // self.stride + 1 if self.H > 0 else 0
+
+    @property
+    def W_out(self) -> int:
+        return (self.W - 1) // self.stride + 1 if self.W > 0 else 0
+
+    @property
+    def M(self) -> int:
+        return self.N * self.H_out * self.W_out
+
+    def row_args(self) -> tuple:
+        """(HWo, Wo, row_stride, stride_n, stride_h, stride_w) of ``pixel_offsets`` on a
+        dense NHWC input (strides from the shape: size-1 dims may have any stride)."""
+        s, C = self.stride, self.C_in
+        return (self.H_out * self.W_out, self.W_out, C, self.H * self.W * C, s * self.W * C, s * C)
+
+    @property
+    def sampled(self) -> bool:
+        return self.stride > 1
+
+
+def geometry_of(x: torch.Tensor, weight: torch.Tensor, stride: int) -> ConvGeometry:
+    N, C_in, H, W = x.shape
+    return ConvGeometry(N, C_in, H, W, weight.shape[0], stride)
+
+
+def _nhwc_empty(shape, like: torch.Tensor, zeros: bool = False) -> torch.Tensor:
+    make = torch.zeros if zeros else torch.empty
+    return make(shape, device=like.device, dtype=like.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    # Triton needs a pointer for every argument; the flags keep the dummy unread.
+    return fallback if t is None else t
+
+
+def _norm_args(norm: Optional[ChannelNorm], fallback: torch.Tensor) -> tuple:
+    if norm is None:
+        return fallback, fallback, fallback, fallback
+    return norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean)
+
+
+def _norm_flags(norm: Optional[ChannelNorm]) -> tuple[bool, bool]:
+    return norm is not None and norm.weight is not None, norm is not None and norm.bias is not None
+
+
+def _check_nhwc(name: str, t: torch.Tensor) -> None:
+    # The kernels address NHWC from the shape; anything else would be read wrongly.
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"{name} must be a dense channels_last tensor")
+
+
+def _interpreter_bf16(dtype: torch.dtype, target) -> bool:
+    return target is None and dtype == torch.bfloat16
+
+
+def conv1x1_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: int,
+    prologue: Optional[ChannelNorm] = None,
+    stats: bool = False,
+    eval_norm: Optional[ChannelNorm] = None,
+    eval_eps: float = 0.0,
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    allow_tf32: bool = False,
+    target=None,
+):
+    """y = conv1x1(x) in x's dtype, channels_last, and the statistics partials.
+
+    ``prologue``: the GEMM reads relu(bn(x)) with this (mean, invstd, weight, bias).
+    ``stats``: also returns the [num_m_tiles, 2, C_out] partials and the tile height,
+    for ``conv1x1_stats_finalize``. ``eval_norm`` (its invstd slot holds the running
+    variance), ``residual``, ``relu``: y = relu(bn(conv(x)) + residual). x (and
+    residual) must be dense channels_last. Returns ``(y, partials or None, block_m)``.
+    """
+    _check_nhwc("x", x)
+    target = target_of(x.device) if target is None else target
+    geo = geometry_of(x, weight, stride)
+    y = _nhwc_empty((geo.N, geo.C_out, geo.H_out, geo.W_out), x)
+    if residual is not None:
+        _check_nhwc("residual", residual)
+    precision = input_precision(x.dtype, allow_tf32, target)
+    tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, target, precision,
+                       heavy_epilogue=eval_norm is not None and residual is not None)
+    num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
+    partials = torch.empty((num_m_tiles, 2, geo.C_out), device=x.device, dtype=torch.float32) if stats else None
+    if geo.M == 0 or geo.C_out == 0:
+        return y, partials, tiles.block_m
+    p_w, p_b = _norm_flags(prologue)
+    e_w, e_b = _norm_flags(eval_norm)
+    grid = (num_m_tiles * triton.cdiv(geo.C_out, tiles.block_n),)
+    conv1x1_forward_kernel[grid](
+        x, weight, _or(bias, weight), y, _or(residual, y), _or(partials, y),
+        *_norm_args(prologue, weight), *_norm_args(eval_norm, weight),
+        geo.M, geo.C_out, geo.C_in, *geo.row_args(), weight.stride(0), weight.stride(1), float(eval_eps),
+        SAMPLED=geo.sampled, HAS_BIAS=bias is not None,
+        PROLOGUE=prologue is not None, P_HAS_WEIGHT=p_w, P_HAS_BIAS=p_b,
+        STATS=stats, EVAL_BN=eval_norm is not None, E_HAS_WEIGHT=e_w, E_HAS_BIAS=e_b,
+        ADD_RESIDUAL=residual is not None, RELU=relu,
+        INPUT_PRECISION=precision, INTERPRETER_BF16=_interpreter_bf16(x.dtype, target),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return y, partials, tiles.block_m
+
+
+def conv1x1_stats_finalize(
+    partials: torch.Tensor,
+    M: int,
+    tile_rows: int,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    momentum: Optional[float],
+    eps: float,
+):
+    """Batch mean and 1/sqrt(var + eps) (fp32) from the forward's partials, updating the
+    running statistics as ``bn_stats`` does (its finalize kernel, the same semantics:
+    unbiased running variance, momentum=None through num_batches_tracked)."""
+    num_tiles, _, C = partials.shape
+    merged = torch.empty((3, C), device=partials.device, dtype=torch.float32)
+    conv1x1_stats_merge_kernel[(triton.cdiv(C, STATS_MERGE_BLOCK_C),)](
+        partials, merged, C, num_tiles, M, tile_rows, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
+    mean = torch.empty(C, device=partials.device, dtype=torch.float32)
+    invstd = torch.empty_like(mean)
+    update = running_mean is not None
+    counts = update and num_batches_tracked is not None
+    cumulative = update and momentum is None
+    if counts and cumulative:
+        # The factor 1 / num_batches_tracked needs the new count in every program.
+        num_batches_tracked.add_(1)
+    bn_stats_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+        merged, merged[2], mean, invstd, mean,
+        running_mean if update else mean, running_var if update else invstd,
+        num_batches_tracked if counts else mean,
+        C, 1, 1, float(M), 0.0 if momentum is None else float(momentum), float(eps),
+        STORE_VAR=False, UPDATE_RUNNING=update, CUMULATIVE=cumulative, COUNT_BATCH=counts and not cumulative,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    return mean, invstd
+
+
+def conv1x1_dgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    stride: int,
+    prologue: Optional[ChannelNorm] = None,
+    add: Optional[torch.Tensor] = None,
+    second: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    allow_tf32: bool = False,
+    target=None,
+):
+    """dA = dY x W in x's shape (zeros at the pixels a stride skips) (+ ``add``)
+    (+ dY2 x W2 for ``second`` = (dy2, weight2), another stride-1 convolution of x).
+
+    ``prologue``: returns g = dA where relu(bn(x)) > 0 and the [num_m_tiles, 3, C_in]
+    partial sums for ``conv1x1_prologue_backward``; else ``(dx, None)``. dy and x must
+    be dense channels_last; x is only read with a prologue.
+    """
+    _check_nhwc("dy", dy)
+    _check_nhwc("x", x)
+    target = target_of(x.device) if target is None else target
+    geo = geometry_of(x, weight, stride)
+    if (add is not None or second is not None) and geo.sampled:
+        raise ValueError("add and second are not supported with stride > 1")
+    if add is not None:
+        _check_nhwc("add", add)
+    dy2, w2 = second if second is not None else (dy, weight)
+    if second is not None:
+        _check_nhwc("dy2", dy2)
+        if w2.shape[1] != geo.C_in or dy2.shape[:1] + dy2.shape[2:] != dy.shape[:1] + dy.shape[2:]:
+            raise ValueError("second must be (dy2, weight2) of a stride-1 convolution of the same x")
+    out = _nhwc_empty(x.shape, x, zeros=geo.sampled)
+    precision = input_precision(x.dtype, allow_tf32, target)
+    tiles = gemm_tiles(geo.M, geo.C_in, geo.C_out, x.dtype, target, precision, heavy_epilogue=prologue is not None)
+    # Here the GEMM's output columns are C_in (BLOCK_K) and its reduction C_out (BLOCK_N).
+    tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, tiles.num_warps, tiles.num_stages)
+    num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
+    partials = (torch.empty((num_m_tiles, 3, geo.C_in), device=x.device, dtype=torch.float32)
+                if prologue is not None else None)
+    if geo.M == 0 or geo.C_in == 0:
+        return out, partials
+    p_w, p_b = _norm_flags(prologue)
+    grid = (num_m_tiles * triton.cdiv(geo.C_in, tiles.block_k),)
+    conv1x1_dgrad_kernel[grid](
+        dy, weight, out, _or(add, out), x, _or(partials, out), dy2, w2, *_norm_args(prologue, weight),
+        geo.M, geo.C_out, geo.C_in, w2.shape[0], *geo.row_args(), weight.stride(0), weight.stride(1),
+        w2.stride(0), w2.stride(1),
+        SAMPLED=geo.sampled, PROLOGUE=prologue is not None, P_HAS_WEIGHT=p_w, P_HAS_BIAS=p_b,
+        ADD=add is not None, SECOND=second is not None,
+        INPUT_PRECISION=precision, INTERPRETER_BF16=_interpreter_bf16(x.dtype, target),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out, partials
+
+
+def conv1x1_wgrad(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int,
+    prologue: Optional[ChannelNorm] = None,
+    bias_grad: bool = False,
+    allow_tf32: bool = False,
+    target=None,
+):
+    """(dW in weight's dtype and strides, d_bias or None) = dY^T x A over all M rows,
+    A = relu(bn(x)) with a prologue. dy and x must be dense channels_last."""
+    _check_nhwc("dy", dy)
+    _check_nhwc("x", x)
+    target = target_of(x.device) if target is None else target
+    geo = geometry_of(x, weight, stride)
+    N, K = geo.C_out, geo.C_in
+    precision = input_precision(x.dtype, allow_tf32, target)
+    tiles = gemm_tiles(N, K, geo.M, x.dtype, target, precision, b_prologue=prologue is not None)
+    # Output tile [BLOCK_N, BLOCK_K] = (C_out, C_in), the reduction over M in BLOCK_M rows.
+    tiles = GemmTiles(tiles.block_k, tiles.block_m, tiles.block_n, tiles.group_m, tiles.num_warps, tiles.num_stages)
+    splits, rows_per_split = wgrad_splits(geo.M, N, K, tiles, x.element_size(), target)
+    partials = torch.empty((splits, N, K), device=x.device, dtype=torch.float32)
+    bias_partials = torch.empty((splits, N), device=x.device, dtype=torch.float32) if bias_grad else None
+    p_w, p_b = _norm_flags(prologue)
+    if N * K > 0:
+        conv1x1_wgrad_kernel[(triton.cdiv(N, tiles.block_n), triton.cdiv(K, tiles.block_k), splits)](
+            dy, x, partials, _or(bias_partials, partials), *_norm_args(prologue, weight),
+            geo.M, N, K, *geo.row_args(), rows_per_split,
+            SAMPLED=geo.sampled, PROLOGUE=prologue is not None, P_HAS_WEIGHT=p_w, P_HAS_BIAS=p_b,
+            BIAS_GRAD=bias_grad,
+            INPUT_PRECISION=precision, INTERPRETER_BF16=_interpreter_bf16(x.dtype, target),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+    dw = torch.empty_like(weight)
+    _split_sum(partials, dw, splits, N * K, target)
+    db = None
+    if bias_grad:
+        db = torch.empty(N, device=x.device, dtype=weight.dtype)
+        _split_sum(bias_partials, db, splits, N, target)
+    return dw, db
+
+
+def _split_sum(partials: torch.Tensor, out: torch.Tensor, splits: int, numel: int, target) -> None:
+    if numel > 0:
+        split_sum_kernel[(triton.cdiv(numel, SPLIT_SUM_BLOCK),)](
+            partials, out, numel, splits, INTERPRETER_BF16=_interpreter_bf16(out.dtype, target),
+            BLOCK=SPLIT_SUM_BLOCK)
+
+
+def conv1x1_prologue_backward(
+    g: torch.Tensor,
+    partials: torch.Tensor,
+    x: torch.Tensor,
+    norm: ChannelNorm,
+    training: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_input: bool = True,
+):
+    """dx, d_weight, d_bias of the prologue's relu(bn(x)) from the dgrad's g and
+    partials: ``bn_add_relu``'s fixed-order finalize, then its elementwise dx pass
+    (skipped without ``need_input``: dx is None). ``training``: the mean / invstd are
+    x's batch statistics (their terms enter dx)."""
+    C = x.shape[1]
+    sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
+    dw = torch.empty_like(norm.weight) if (need_weight and norm.weight is not None) else None
+    db = torch.empty_like(norm.bias) if (need_bias and norm.bias is not None) else None
+    if C > 0:
+        bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+            partials, sums, norm.invstd, _or(dw, sums), _or(db, sums), norm.invstd, sums, sums,
+            C, partials.shape[0],
+            WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=False,
+            R_WRITE_DW=False, R_WRITE_DB=False,
+            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+        )
+    if not need_input:
+        return None, dw, db
+    layout = layout_of(x)
+    dx, _ = bn_add_relu_backward_dx(g, g, x, layout, norm, training, RESIDUAL_NONE, sums,
+                                    layout.N * layout.HW, d_res=g)
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------ ahead-of-time launches
+
+# ResNet-50's 1x1 convolutions (torchvision, 224x224 input) as (C_in, H, W, C_out, stride):
+# conv1 and conv3 of each stage's first and later blocks, and the downsample convolutions.
+RESNET50_CONV1X1 = (
+    (64, 56, 56, 64, 1), (64, 56, 56, 256, 1), (256, 56, 56, 64, 1),  # layer1: conv1, conv3 / downsample, conv1
+    (256, 56, 56, 128, 1), (128, 28, 28, 512, 1), (256, 56, 56, 512, 2), (512, 28, 28, 128, 1),  # layer2
+    (512, 28, 28, 256, 1), (256, 14, 14, 1024, 1), (512, 28, 28, 1024, 2), (1024, 14, 14, 256, 1),  # layer3
+    (1024, 14, 14, 512, 1), (512, 7, 7, 2048, 1), (1024, 14, 14, 2048, 2), (2048, 7, 7, 512, 1),  # layer4
+)
+
+
+def aot_launches(target, batch_sizes=(256,), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                 shapes=RESNET50_CONV1X1, every: bool = True) -> Iterator:
+    """The launches a FusedConvBottleneck makes at ``shapes`` (default ResNet-50's) on
+    ``target``, recorded on meta tensors (nothing is allocated or run): in training the
+    forward with statistics (conv1, downsample) or prologue + statistics (conv3), their
+    dgrad (conv1's also with the downsample's gradient added or in its reduction) /
+    wgrad and finalize passes; in eval the folded-BatchNorm epilogues (conv1 with
+    ReLU, downsample without, conv3 with the prologue, residual and ReLU). fp32 with TF32
+    on (cuDNN's default) and, with ``every``, off. Yields ``aot.Launch`` objects."""
+    from .aot import record_launches
+
+    def meta(*shape, dtype, nhwc=True):
+        t = torch.empty(shape, dtype=dtype, device="meta")
+        return t.contiguous(memory_format=torch.channels_last) if nhwc else t
+
+    for N in batch_sizes:
+        for C_in, H, W, C_out, stride in shapes:
+            for dtype in dtypes:
+                x = meta(N, C_in, H, W, dtype=dtype)
+                w = meta(C_out, C_in, 1, 1, dtype=dtype, nhwc=False)
+                Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+                dy = meta(N, C_out, Ho, Wo, dtype=dtype)
+
+                def vec(C):
+                    return meta(C, dtype=torch.float32, nhwc=False)
+
+                norm = ChannelNorm(vec(C_in), vec(C_in), vec(C_in), vec(C_in))
+                counter = meta(dtype=torch.long, nhwc=False)
+                prologues = (None,) if stride > 1 else (None, norm)
+                for tf32 in ((True, False) if (dtype == torch.float32 and every) else (True,)):
+                    with record_launches() as rec:
+                        for prologue in prologues:
+                            y, partials, rows = conv1x1_forward(x, w, None, stride, prologue, stats=True,
+                                                                allow_tf32=tf32, target=target)
+                            conv1x1_stats_finalize(partials, N * Ho * Wo, rows, vec(C_out), vec(C_out), counter,
+                                                   0.1, 1e-5)
+                            g, sums = conv1x1_dgrad(dy, w, x, stride, prologue, allow_tf32=tf32, target=target)
+                            if prologue is None and stride == 1:
+                                # conv1 of a block with a downsample: x's gradient with the
+                                # downsample's added (stride 2) or in the same GEMM (stride 1).
+                                conv1x1_dgrad(dy, w, x, 1, add=x, allow_tf32=tf32, target=target)
+                                conv1x1_dgrad(dy, w, x, 1, second=(dy, w), allow_tf32=tf32, target=target)
+                            if prologue is not None:
+                                conv1x1_prologue_backward(g, sums, x, prologue, True, True, True)
+                            conv1x1_wgrad(dy, x, w, stride, prologue, allow_tf32=tf32, target=target)
+                            eval_norm = ChannelNorm(vec(C_out), vec(C_out), vec(C_out), vec(C_out))
+                            # Eval: conv1 (+ bn + relu), downsample (+ bn), conv3 (prologue + bn + residual + relu).
+                            conv1x1_forward(x, w, None, stride, prologue, eval_norm=eval_norm, eval_eps=1e-5,
+                                            residual=dy if prologue is not None else None, relu=stride == 1,
+                                            allow_tf32=tf32, target=target)
+                    yield from rec.launches
