@@ -66,7 +66,12 @@ def normalised_error(values: list[torch.Tensor], references: list[torch.Tensor])
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:
-    """The model ``check`` compares: a randomly initialised torchvision ResNet (nothing downloaded)."""
+    """The model ``check`` compares, randomly initialised (nothing downloaded): a torchvision
+    ResNet, or ``timm:NAME`` / ``hf:resnet-N`` (see :func:`fused_resnet.tools.coverage.build_model`)."""
+    if ":" in name:
+        from .coverage import build_model as build_zoo_model
+
+        return build_zoo_model(name, seed)
     return torchvision_resnet(name, seed)
 
 
@@ -90,20 +95,38 @@ class _Run:
     tensors: dict[str, torch.Tensor]
 
 
-def _run(model: nn.Module, images: torch.Tensor, grad_logits: torch.Tensor, dtype: torch.dtype,
+def _output_gradients(outputs: list[torch.Tensor], state: torch.Tensor) -> list[torch.Tensor]:
+    """A fixed float64 gradient for each output, drawn from generator ``state`` (the same
+    for every run of one check)."""
+    gen = torch.Generator()
+    gen.set_state(state)
+    return [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device) for o in outputs]
+
+
+def _run(model: nn.Module, images: torch.Tensor, grad_state: torch.Tensor, dtype: torch.dtype,
          memory_format: torch.memory_format) -> _Run:
-    """A training step's forward and backward, then an eval forward with the updated statistics."""
+    """A training step's forward and backward, then an eval forward with the updated statistics.
+
+    A model may return one tensor (logits) or several (a transformers ``ModelOutput``):
+    each gets its own fixed gradient and its own output group."""
+    from .coverage import output_tensors
+
     device = images.device
     model = model.to(device=device, dtype=dtype, memory_format=memory_format)
     x = images.to(dtype=dtype, memory_format=memory_format).requires_grad_()
     model.train()
-    logits = model(x)
-    params = dict(model.named_parameters())
-    grads = torch.autograd.grad(logits, [x, *params.values()], grad_logits.to(dtype))
+    outputs = [o for o in output_tensors(model(x)) if o.is_floating_point() and o.requires_grad]
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(outputs, [x, *params.values()],
+                                [g.to(dtype) for g in _output_gradients(outputs, grad_state)], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, [x, *params.values()])]
     model.eval()
     with torch.no_grad():
-        logits_eval = model(x)
-    out = {"output (train)": logits, "output (eval)": logits_eval, "grad input": grads[0]}
+        outputs_eval = [o for o in output_tensors(model(x)) if o.is_floating_point()]
+    names = ["output"] if len(outputs) == 1 else [f"output {i}" for i in range(len(outputs))]
+    out = {f"{n} (train)": o for n, o in zip(names, outputs)}
+    out.update({f"{n} (eval)": o for n, o in zip(names, outputs_eval)})
+    out["grad input"] = grads[0]
     out.update({f"grad {name}": g for name, g in zip(params, grads[1:])})
     out.update({f"buffer {name}": b for name, b in model.named_buffers() if b.is_floating_point()})
     return _Run({k: v.detach().double().cpu() for k, v in out.items()})
@@ -137,7 +160,7 @@ def run_check(model: str = "resnet50", device: Optional[str] = None, dtype: str 
     fused = convert_model(original)
     gen = torch.Generator().manual_seed(seed + 1)
     images = torch.randn(batch, 3, resolution, resolution, generator=gen, dtype=torch.float64).to(device)
-    grad_logits = torch.randn(batch, 1000, generator=gen, dtype=torch.float64).to(device)
+    grad_state = gen.get_state()
     fmt = MEMORY_FORMATS[memory_format]
     settings = dict(model=model, device=str(device), dtype=dtype, batch=batch, resolution=resolution,
                     memory_format=memory_format, seed=seed,
@@ -148,7 +171,7 @@ def run_check(model: str = "resnet50", device: Optional[str] = None, dtype: str 
     for name in progress(runs, len(runs), "check: float64 reference, eager, fused", show_progress):
         run_model, run_dtype = runs[name]
         try:
-            outputs[name] = _run(run_model, images, grad_logits, run_dtype, fmt).tensors
+            outputs[name] = _run(run_model, images, grad_state, run_dtype, fmt).tensors
         except Exception as exc:  # noqa: BLE001 - a crash of the fused model is a failed check, reported as one
             if name != "fused":
                 raise

@@ -78,6 +78,17 @@ def _device(value: str) -> str:
 
 
 model_type = _one_of(MODELS, "model")
+
+
+def zoo_model_type(value: str) -> str:
+    """A torchvision ResNet name, ``timm:NAME`` or ``hf:resnet-N`` (built only later)."""
+    if value.startswith(("timm:", "hf:")) and len(value.split(":", 1)[1]) > 0:
+        return value
+    try:
+        return model_type(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"invalid model '{value}': one of {', '.join(MODELS)}, 'timm:NAME' or 'hf:resnet-N'") from None
 stage_type = _one_of(STAGES, "stage")
 mode_type = _one_of(MODES, "mode")
 dtype_type = _canonical(canonical_dtype, "dtype")
@@ -122,10 +133,51 @@ def cmd_check(args) -> int:
     if device.type == "cpu" and backend.INTERPRET:
         print("TRITON_INTERPRET=1: the fused model runs the Triton kernels in the interpreter (slow).",
               file=sys.stderr)
-    errors, settings = run_check(args.model, str(device), args.dtype, args.batch, args.resolution,
-                                 args.memory_format, args.seed, _progress_enabled(args))
+    try:
+        errors, settings = run_check(args.model, str(device), args.dtype, args.batch, args.resolution,
+                                     args.memory_format, args.seed, _progress_enabled(args))
+    except (ValueError, MissingDependency) as exc:
+        print(f"fused-resnet check: error: --model: {exc}", file=sys.stderr)
+        return 2
     print(format_check(errors, settings, execution_path(device)))
+    print(_tails_line(args.model, device))
     return 0 if all(e.passed for e in errors) and "fused_error" not in settings else 1
+
+
+def _tails_line(model: str, device: torch.device) -> str:
+    """'tails fused / found' of the model, counted at the ATen level where the Triton path runs."""
+    from .common import convert_model
+    from .coverage import build_model, count_tails, example_input, triton_path_available
+
+    if not triton_path_available(device):
+        return ("tails: counted where the fused ops run their Triton kernels (a GPU, or TRITON_INTERPRET=1): "
+                f"`fused-resnet coverage --model {model}`")
+    original = build_model(model).to(device)
+    x = example_input(original).to(device)
+    found = count_tails(original, x, training=True)
+    left = count_tails(convert_model(original), x, training=True)
+    return f"tails: {found.total - left.total} fused / {found.total} found (training forward, ATen level)"
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+def cmd_coverage(args) -> int:
+    """The table of tails found / left unfused after convert, per model, train and eval."""
+    from .coverage import DEFAULT_MODELS, coverage, format_coverage, triton_path_available
+
+    if not triton_path_available():
+        # The counter needs the fused ops on their Triton path; fake tensors make the interpreter cheap.
+        from .audit import run_in_interpreter
+
+        return run_in_interpreter(args.argv)
+    try:
+        rows = coverage(_flatten(args.model) or list(DEFAULT_MODELS), batch=args.batch)
+    except (ValueError, MissingDependency) as exc:
+        print(f"fused-resnet coverage: error: --model: {exc}", file=sys.stderr)
+        return 2
+    print(format_coverage(rows))
+    return 0
 
 
 # --------------------------------------------------------------------------- bench
@@ -254,14 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fused-resnet",
         description="Check, benchmark and audit the fused BatchNorm/add/ReLU kernels on torchvision ResNets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,bench,audit,demo,gpu}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{check,coverage,bench,audit,demo,gpu}")
     progress = argparse.ArgumentParser(add_help=False)
     progress.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     check = sub.add_parser("check", parents=[progress], help="parity of the converted model with eager PyTorch",
                            description="Convert a torchvision ResNet, run a training step and an eval forward "
                                        "against the original, print max errors per group; exit 1 on FAIL.")
-    check.add_argument("--model", type=model_type, default="resnet50", help="resnet18 or resnet50 (default resnet50)")
+    check.add_argument("--model", type=zoo_model_type, default="resnet50",
+                       help="resnet18, resnet50, timm:NAME or hf:resnet-N (default resnet50)")
     check.add_argument("--device", type=_device, help="cpu or cuda[:N] (default: cuda when available)")
     check.add_argument("--dtype", type=dtype_type, default="float32", help="float32, bfloat16 or float16")
     check.add_argument("--batch", type=_positive_int, help="images (default 16 on a GPU, 4 on the CPU)")
@@ -269,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--memory-format", type=format_type, default="nchw", help="nchw or channels_last")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_check)
+
+    cov = sub.add_parser("coverage", parents=[progress], help="tails found / left unfused by convert, per model",
+                         description="Count, at the ATen level, the BatchNorm/add -> ReLU tails each model runs "
+                                     "before and after convert(), in train and eval (the README's coverage table).")
+    cov.add_argument("--model", type=_list_of(zoo_model_type), action="append",
+                     help="models (default: the issue-10 zoo of timm, torchvision and transformers ResNets)")
+    cov.add_argument("--batch", type=_positive_int, default=2, help="images per forward (default 2)")
+    cov.set_defaults(func=cmd_coverage)
 
     bench = sub.add_parser("bench", parents=[progress], help="images/s per ResNet stage: eager, fused, compile",
                            description="Time each ResNet stage for eager PyTorch, the fused model and torch.compile "

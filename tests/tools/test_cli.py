@@ -116,3 +116,17 @@ def test_the_library_never_imports_a_tool():
                      else [])
             offenders += [f"{path.relative_to(root)}: {n}" for n in names if "tools" in n.split(".")]
     assert not offenders
+
+
+def test_check_and_coverage_take_zoo_model_names():
+    """`check --model` and `coverage --model` take timm:NAME / hf:resnet-N next to torchvision names,
+    and refuse anything else with exit status 2 naming the argument."""
+    from fused_resnet.tools.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["check", "--model", "timm:resnet50d"]).model == "timm:resnet50d"
+    assert parser.parse_args(["coverage", "--model", "hf:resnet-18,resnet18"]).model == [["hf:resnet-18", "resnet18"]]
+    for bad in (["check", "--model", "timm:"], ["coverage", "--model", "vgg11"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(bad)
+        assert exit_.value.code == 2
