@@ -43,16 +43,21 @@ def plain_batchnorm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     math and can take it as the shortcut's BatchNorm. Nothing is copied: the Parameter
     and buffer objects, hyper-parameters, mode and registered submodules are shared.
     """
+    return rebuilt_as(nn.BatchNorm2d, bn)
+
+
+def rebuilt_as(cls: type, bn: nn.Module) -> nn.Module:
+    """A ``cls`` (an nn.BatchNorm2d class) with ``bn``'s attributes and the same Parameter and
+    buffer tensors, in containers of its own: later edits of one module do not reach the other."""
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    plain = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
-    plain.__dict__.update(bn.__dict__)
-    # Own containers, shared tensors (as _FusedBatchNorm2d.from_batchnorm).
+    out = cls.__new__(cls)
+    out.__dict__.update(bn.__dict__)
     for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
                  "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
         if name in bn.__dict__:
-            plain.__dict__[name] = type(bn.__dict__[name])(bn.__dict__[name])
-    return plain
+            out.__dict__[name] = type(bn.__dict__[name])(bn.__dict__[name])
+    return out
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> Dict[str, Any]:
@@ -95,16 +100,7 @@ class _FusedBatchNorm2d(nn.BatchNorm2d):
         buffer objects (so an optimizer built on ``bn`` keeps working), its
         hyper-parameters, its training mode and its hooks.
         """
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-        fused = cls.__new__(cls)
-        fused.__dict__.update(bn.__dict__)
-        # Own containers, shared tensors: later edits of one module do not reach the other.
-        for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-                     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            if name in bn.__dict__:
-                fused.__dict__[name] = type(bn.__dict__[name])(bn.__dict__[name])
-        return fused
+        return rebuilt_as(cls, bn)
 
 
 class BatchNormReLU2d(_FusedBatchNorm2d):
