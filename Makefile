@@ -15,7 +15,7 @@ OLDEST_CONSTRAINTS := constraints/oldest.txt
 # $(1): the virtual environment, $(2): its constraints file.
 define make_venv
 	$(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(1)/bin/python -m pip install -q --upgrade pip wheel
 	$(1)/bin/python -m pip install -q -c $(2) torch torchvision triton
 	$(1)/bin/python -m pip install -q -c $(2) -e '.[test,bench]'
 	touch $(1)/.installed-stamp
