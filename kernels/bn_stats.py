@@ -159,7 +159,30 @@ def bn_stats(
         plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
         BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
     )
-    mean = torch.empty(layout.C, device=x.device, dtype=torch.float32)
+    mean, invstd, var = finalize_stats(partials, x, stride_c, plan.num_partials, layout.C, layout.N * layout.HW,
+                                       running_mean, running_var, num_batches_tracked, momentum, eps, return_var)
+    return (mean, invstd, var) if return_var else (mean, invstd)
+
+
+def finalize_stats(
+    partials: torch.Tensor,
+    shift: torch.Tensor,
+    stride_shift: int,
+    num_partials: int,
+    C: int,
+    count: int,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    momentum: Optional[float],
+    eps: float,
+    return_var: bool = False,
+):
+    """(mean, invstd, var or mean) per channel from ``partials`` ([num_partials, 2, C] shifted
+    sums; channel c's shift is ``shift[c * stride_shift]``) over ``count`` values each,
+    updating the running statistics as ``nn.BatchNorm2d`` does. One launch of
+    ``bn_stats_finalize_kernel``; shared by every producer of such partials."""
+    mean = torch.empty(C, device=partials.device, dtype=torch.float32)
     invstd = torch.empty_like(mean)
     var = torch.empty_like(mean) if return_var else mean
     update = running_mean is not None
@@ -168,14 +191,14 @@ def bn_stats(
     if counts and cumulative:
         # The factor 1 / num_batches_tracked needs the new count in every program.
         num_batches_tracked.add_(1)
-    bn_stats_finalize_kernel[(triton.cdiv(layout.C, FINALIZE_BLOCK_C),)](
-        partials, x, mean, invstd, var,
+    bn_stats_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+        partials, shift, mean, invstd, var,
         running_mean if update else mean, running_var if update else invstd,
         num_batches_tracked if counts else mean,
-        layout.C, stride_c, plan.num_partials, float(layout.N * layout.HW),
+        C, stride_shift, num_partials, float(count),
         0.0 if momentum is None else float(momentum), float(eps),
         STORE_VAR=return_var, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
         COUNT_BATCH=counts and not cumulative,
         BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
     )
-    return (mean, invstd, var) if return_var else (mean, invstd)
+    return mean, invstd, var

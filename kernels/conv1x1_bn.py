@@ -54,7 +54,7 @@ from .bn_add_relu import (
     normalize,
     relu_grad,
 )
-from .bn_stats import bn_stats_finalize_kernel
+from .bn_stats import finalize_stats
 from .layout import TARGET_PROGRAMS, layout_of
 
 # ------------------------------------------------------------------------------ helpers
@@ -599,22 +599,9 @@ def conv1x1_stats_finalize(
     merged = torch.empty((3, C), device=partials.device, dtype=torch.float32)
     conv1x1_stats_merge_kernel[(triton.cdiv(C, STATS_MERGE_BLOCK_C),)](
         partials, merged, C, num_tiles, M, tile_rows, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
-    mean = torch.empty(C, device=partials.device, dtype=torch.float32)
-    invstd = torch.empty_like(mean)
-    update = running_mean is not None
-    counts = update and num_batches_tracked is not None
-    cumulative = update and momentum is None
-    if counts and cumulative:
-        # The factor 1 / num_batches_tracked needs the new count in every program.
-        num_batches_tracked.add_(1)
-    bn_stats_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
-        merged, merged[2], mean, invstd, mean,
-        running_mean if update else mean, running_var if update else invstd,
-        num_batches_tracked if counts else mean,
-        C, 1, 1, float(M), 0.0 if momentum is None else float(momentum), float(eps),
-        STORE_VAR=False, UPDATE_RUNNING=update, CUMULATIVE=cumulative, COUNT_BATCH=counts and not cumulative,
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
-    )
+    # The merged statistics are bn_stats finalize's single partial (see conv1x1_stats_merge_kernel).
+    mean, invstd, _ = finalize_stats(merged, merged[2], 1, 1, C, M, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps)
     return mean, invstd
 
 
