@@ -88,7 +88,7 @@ def zoo_model_type(value: str) -> str:
         return model_type(value)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"invalid model '{value}': one of {', '.join(MODELS)}, 'timm:NAME' or 'hf:resnet-N'") from None
+            f"unknown model '{value}'; choose from {', '.join(MODELS)}, timm:NAME or hf:resnet-N") from None
 stage_type = _one_of(STAGES, "stage")
 mode_type = _one_of(MODES, "mode")
 dtype_type = _canonical(canonical_dtype, "dtype")
