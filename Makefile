@@ -10,7 +10,7 @@ OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
 OLDEST_CONSTRAINTS := constraints/oldest.txt
 
-.PHONY: install install-oldest test test-oldest test-zoo test-fast test-interpreter demo gpu bench clean
+.PHONY: install install-oldest test test-oldest test-zoo test-aot test-fast test-interpreter demo gpu bench clean
 
 # $(1): the virtual environment, $(2): its constraints file.
 define make_venv
@@ -54,6 +54,12 @@ test-oldest: $(OLDEST_STAMP)
 test-zoo: $(STAMP)
 	$(BIN)/python -m pytest -q -m "zoo and not interpreter" tests/test_convert_zoo.py
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "zoo and (interpreter or both)" tests/test_convert_zoo.py
+
+# The AOT compile test over other configurations than make test's quick set: AOT=conv1x1
+# (the 1x1-convolution GEMMs; CI runs it), modules or every; see the README for times.
+AOT ?= conv1x1
+test-aot: $(STAMP)
+	FUSED_RESNET_AOT=$(AOT) $(BIN)/python -m pytest -q tests/kernels/test_aot_compile.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not interpreter and not aot" tests

@@ -126,7 +126,8 @@ def relu_grad(dy, y, x, r, mean, scale, shift, r_mean, r_scale, r_shift,
     return tl.where(y <= 0.0, 0.0, dy)
 
 
-@triton.jit
+# rows_per_program unspecialised: as a constant 1 next to spans_per_image == 1 it made ptxas spill on sm_80.
+@triton.jit(do_not_specialize=["rows_per_program"])
 def bn_add_relu_backward_reduce_kernel(
     dy_ptr, y_ptr, x_ptr, r_ptr, g_ptr, partial_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,

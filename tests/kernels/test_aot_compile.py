@@ -1,6 +1,29 @@
-"""Every kernel, with the signatures and constants the ops launch, compiles for NVIDIA sm_80
-and sm_90a and AMD gfx942, on this GPU-less machine, without a register spill."""
+"""Every kernel, specialised as the ops launch it at real ResNet shapes, compiles for NVIDIA
+sm_80 and sm_90a and AMD gfx942, on this GPU-less machine, without a register spill.
+
+The shapes: the input of every BatchNorm and every 1x1 convolution of torchvision's
+ResNets (built on the meta device) at 224x224, batch 1 to 256, NCHW and channels_last
+(the GEMMs: channels_last). ``FUSED_RESNET_AOT`` picks which configurations:
+
+- ``quick`` (the default, what ``make test`` runs): the tails (BatchNorm, add, ReLU) in
+  the configurations the modules of a converted ResNet launch, in fp32;
+- ``conv1x1`` (``make test-aot AOT=conv1x1``, in CI): the 1x1-convolution GEMMs of
+  ``fuse_convolutions=True`` at batch 256 in every dtype, TF32 on and off;
+- ``modules``: the tails as ``quick`` in fp32, fp16 and bf16, parameters in fp32 or the
+  activation dtype, and the GEMMs at every batch size in every dtype;
+- ``every``: every configuration the ops accept (affine or not, momentum None, no
+  counter or running statistics, SyncBatchNorm, a frozen BatchNorm next to a training
+  one, no parameter gradients, TF32 off), in every dtype, at every batch size.
+
+Compiled binaries stay in Triton's cache (``TRITON_CACHE_DIR``, default ~/.triton/cache),
+so a second run only reads them back. ``FUSED_RESNET_AOT_REPORT=<file>`` also writes the
+per-target tables as JSON.
+"""
 from __future__ import annotations
+
+import json
+import os
+import time
 
 import pytest
 
@@ -11,44 +34,142 @@ pytestmark = [
     pytest.mark.skipif(backend.INTERPRET, reason="compiles real GPU binaries; not under the interpreter"),
 ]
 
+CONFIGURATIONS = os.environ.get("FUSED_RESNET_AOT", "quick")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+           "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+BATCH_SIZES = tuple(range(1, 257))
+RESOLUTION = 224
+
+
+def resnet_shapes() -> tuple[tuple, tuple]:
+    """(C, H, W) of every BatchNorm input and (C_in, H, W, C_out, stride) of every 1x1
+    convolution of the torchvision ResNets at RESOLUTION, from a forward pass on the meta
+    device."""
+    import torch
+    import torchvision
+
+    activations, conv1x1 = set(), set()
+
+    def record(module, inputs, out):
+        C, H, W = inputs[0].shape[1:]
+        if isinstance(module, torch.nn.BatchNorm2d):
+            activations.add((C, H, W))
+        elif module.kernel_size == (1, 1) and module.groups == 1 and module.padding == (0, 0):
+            conv1x1.add((C, H, W, module.out_channels, module.stride[0]))
+
+    for name in RESNETS:
+        with torch.device("meta"):
+            model = getattr(torchvision.models, name)()
+        for module in model.modules():
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.Conv2d)):
+                module.register_forward_hook(record)
+        model(torch.empty(1, 3, RESOLUTION, RESOLUTION, device="meta"))
+    return tuple(sorted(activations)), tuple(sorted(conv1x1))
+
 
 @pytest.fixture(scope="module")
-def launches():
-    from fused_resnet.kernels.aot import launches_of_every_kernel
+def shapes():
+    import torch
 
-    return launches_of_every_kernel()
+    from fused_resnet.kernels.aot import DTYPES, RealShapes
+
+    # name: (dtypes, every, the tails' shapes, the GEMMs' shapes, the GEMMs' batch sizes)
+    activations, conv1x1 = resnet_shapes()
+    sets = {"quick": ((torch.float32,), False, activations, (), BATCH_SIZES),
+            "conv1x1": (DTYPES, True, (), conv1x1, (256,)),
+            "modules": (DTYPES, False, activations, conv1x1, BATCH_SIZES),
+            "every": (DTYPES, True, activations, conv1x1, BATCH_SIZES)}
+    if CONFIGURATIONS not in sets:
+        raise ValueError(f"FUSED_RESNET_AOT must be one of {sorted(sets)}, not {CONFIGURATIONS!r}")
+    dtypes, every, tails, gemms, gemm_batch_sizes = sets[CONFIGURATIONS]
+    return RealShapes(tails, BATCH_SIZES, dtypes, gemms, gemm_batch_sizes), every
 
 
-def test_every_kernel_is_launched(launches):
-    """The recorded launches cover every @triton.jit kernel the package defines."""
+def launches_on(shapes, target_name: str) -> list:
+    """The launches over ``shapes`` on one target (the GEMMs' tiles depend on it)."""
+    from fused_resnet.kernels.aot import TARGETS, real_shape_launches
+
+    real, every = shapes
+    return list(real_shape_launches(real, TARGETS[target_name], every=every))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from fused_resnet.kernels.aot import compile_pool
+
+    with compile_pool() as workers:
+        yield workers
+
+
+def test_shapes_are_every_resnet_stage():
+    """The stem, every stage's widths of the plain, bottleneck, ResNeXt and wide blocks."""
+    activations, conv1x1 = resnet_shapes()
+    assert (64, 112, 112) in activations and (64, 56, 56) in activations  # stem, resnet18 layer1
+    assert (2048, 7, 7) in activations and (512, 56, 56) in activations  # resnet50 layer4, resnext101 layer1
+    assert (1024, 7, 7) in activations  # wide / resnext50 layer4's inner width
+    assert len(activations) == 16
+    assert (1024, 14, 14, 2048, 2) in conv1x1 and (64, 56, 56, 256, 1) in conv1x1  # a downsample, a conv3
+
+
+def test_every_kernel_is_launched():
+    """LAUNCH_FAMILIES covers every @triton.jit *_kernel of every module of the package."""
     import importlib
+    import pkgutil
 
     import triton
 
+    import fused_resnet.kernels as package
+    from fused_resnet.kernels.aot import launches_of_every_kernel
+
     defined = set()
-    for name in ("add_relu", "bn_add_relu", "bn_stats"):
-        module = importlib.import_module(f"fused_resnet.kernels.{name}")
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
         defined |= {name for name, obj in vars(module).items()
-                    if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")}
-    assert defined == {launch.name for launch in launches}
+                    if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
+                    and obj.fn.__module__ == module.__name__}
+    missing = defined - {launch.name for launch in launches_of_every_kernel()}
+    assert not missing, (f"never launched: {sorted(missing)}; add a function yielding their launches to "
+                         "LAUNCH_FAMILIES in kernels/aot.py")
+
+
+def _table(target_name: str, table: dict, count: int, seconds: float, cpu_seconds: float) -> str:
+    lines = [f"{target_name}: {count} specialisations ({CONFIGURATIONS} configurations), {seconds:.0f} s "
+             f"({cpu_seconds:.0f} CPU-s compiling or reading back)",
+             f"  {'kernel':<40} {'variants':>8} {'max regs':>8} {'spills':>6} {'max shared':>10}"]
+    for name, row in table.items():
+        lines.append(f"  {name:<40} {row['variants']:>8} {row['max_registers']:>8} {row['max_spills']:>6} "
+                     f"{row['max_shared_bytes']:>10}")
+    return "\n".join(lines)
+
+
+def _write_report(target_name: str, entry: dict) -> None:
+    path = os.environ.get("FUSED_RESNET_AOT_REPORT")
+    if not path:
+        return
+    report = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+    report[target_name] = entry
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 @pytest.mark.parametrize("target_name", ["sm_80", "sm_90a", "gfx942"])
-def test_compiles_without_spills(launches, target_name):
-    from fused_resnet.kernels.aot import TARGETS, compile_launch, resource_usage, specialization_key
+def test_compiles_without_spills(shapes, pool, target_name, capsys):
+    from fused_resnet.kernels.aot import TARGETS, compile_all, unique_launches, usage_table
 
     target = TARGETS[target_name]
-    unique = {}
-    for launch in launches:
-        unique.setdefault(specialization_key(launch, target), launch)
-    problems, registers = [], {}
-    for launch in unique.values():
-        compiled = compile_launch(launch, target)
-        binary = "cubin" if target.backend == "cuda" else "hsaco"
-        assert compiled.asm.get(binary), f"{launch.name}: no {binary} for {target_name}"
-        usage = resource_usage(compiled)
-        registers[launch.name] = max(registers.get(launch.name, 0), usage["registers"])
-        if usage["spills"]:
-            problems.append(f"{launch.name}: {usage}")
-    print(f"{target_name}: {len(unique)} specialisations; max registers per kernel: {registers}")
-    assert not problems, "register spills:\n" + "\n".join(problems)
+    unique = unique_launches(launches_on(shapes, target_name), target)
+    start = time.perf_counter()
+    results = compile_all(unique, target, pool)
+    seconds = time.perf_counter() - start
+    cpu_seconds = sum(usage["cpu_seconds"] for _, usage in results)
+    table = usage_table(results)
+    with capsys.disabled():
+        print("\n" + _table(target_name, table, len(unique), seconds, cpu_seconds))
+    _write_report(target_name, {"configurations": CONFIGURATIONS, "specialisations": len(unique),
+                                "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                                "kernels": table})
+    spills = [f"{launch.describe()}: {usage}" for launch, usage in results if usage["spills"]]
+    assert not spills, "register spills:\n" + "\n".join(spills)
