@@ -542,8 +542,11 @@ def conv1x1_forward(
     relu: bool = False,
     allow_tf32: bool = False,
     target=None,
+    tiles: Optional[GemmTiles] = None,
 ):
     """y = conv1x1(x) in x's dtype, channels_last, and the statistics partials.
+
+    ``tiles``: override the rule's tiles (only :func:`autotune_conv1x1` passes it).
 
     ``prologue``: the GEMM reads relu(bn(x)) with this (mean, invstd, weight, bias).
     ``stats``: also returns the [num_m_tiles, 2, C_out] partials and the tile height,
@@ -558,8 +561,9 @@ def conv1x1_forward(
     if residual is not None:
         _check_nhwc("residual", residual)
     precision = input_precision(x.dtype, allow_tf32, target)
-    tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, target, precision,
-                       heavy_epilogue=eval_norm is not None and residual is not None)
+    if tiles is None:
+        tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, target, precision,
+                           heavy_epilogue=eval_norm is not None and residual is not None)
     num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
     partials = torch.empty((num_m_tiles, 2, geo.C_out), device=x.device, dtype=torch.float32) if stats else None
     if geo.M == 0 or geo.C_out == 0:
@@ -809,3 +813,73 @@ def aot_launches(target, batch_sizes=(256,), dtypes=(torch.float32, torch.float1
                                             residual=dy if prologue is not None else None, relu=stride == 1,
                                             allow_tf32=tf32, target=target)
                     yield from rec.launches
+
+
+# ---------------------------------------------------------------------------- autotune, opt-in only
+
+
+def autotune_candidates(M: int, N: int, K: int, dtype: torch.dtype, target) -> list[GemmTiles]:
+    """The rule's tiles and its neighbours (each block size halved or doubled within 16..128), in a fixed order."""
+    rule = gemm_tiles(M, N, K, dtype, target)
+    out = [rule]
+    for bm in (rule.block_m // 2, rule.block_m, rule.block_m * 2):
+        for bn in (rule.block_n // 2, rule.block_n, rule.block_n * 2):
+            if 16 <= bm <= 128 and 16 <= bn <= 128 and bm * bn <= 128 * 128:
+                warps = 8 if bm * bn >= 128 * 128 else rule.num_warps
+                tiles = GemmTiles(bm, bn, rule.block_k, rule.group_m, warps, rule.num_stages)
+                if tiles not in out:
+                    out.append(tiles)
+    return out
+
+
+def autotune_conv1x1(shapes, dtype: torch.dtype = torch.float32, device="cuda", repeats: int = 10,
+                     candidates=None, print_table: bool = True) -> list[dict]:
+    """Time the forward GEMM's candidate tiles for each (N, C_in, H, W, C_out) in ``shapes`` and
+    print the rule's choice against the fastest: an explicit opt-in, never called by the library
+    (the kernels always use :func:`gemm_tiles`). On a CPU device the interpreter runs it (times
+    are the interpreter's, only the table's shape means anything there).
+    """
+    import time
+
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    shapes = list(shapes)
+    if not shapes or any(not (isinstance(s, (tuple, list)) and len(s) == 5 and all(isinstance(v, int) and v > 0
+                                                                                 for v in s)) for s in shapes):
+        raise ValueError(f"shapes must be a non-empty list of (N, C_in, H, W, C_out) positive ints, got {shapes!r}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    rows = []
+    for N, C_in, H, W, C_out in shapes:
+        x = torch.randn(N, C_in, H, W, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(C_out, C_in, 1, 1, device=device, dtype=dtype)
+        target = target_of(device)
+        M = N * H * W
+        rule = gemm_tiles(M, C_out, C_in, dtype, target)
+        timed = []
+        for tiles in (candidates or autotune_candidates(M, C_out, C_in, dtype, target)):
+            conv1x1_forward(x, weight, None, 1, stats=True, target=target, tiles=tiles)  # compile, warm up
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                conv1x1_forward(x, weight, None, 1, stats=True, target=target, tiles=tiles)
+            if cuda:
+                torch.cuda.synchronize(device)
+            timed.append(((time.perf_counter() - start) / repeats * 1e6, tiles))
+        rule_us = next((us for us, t in timed if t == rule), float("nan"))
+        best_us, best = min(timed, key=lambda pair: pair[0])
+        rows.append(dict(shape=(N, C_in, H, W, C_out), rule=rule, rule_us=rule_us, best=best, best_us=best_us,
+                         all=timed))
+    if print_table:
+        def name(t):
+            return f"{t.block_m}x{t.block_n}x{t.block_k}/w{t.num_warps}/s{t.num_stages}"
+
+        print(f"{'N,C_in,H,W,C_out':<24}{'rule tiles':<22}{'rule us':>10}  {'best tiles':<22}{'best us':>10}"
+              f"{'rule/best':>10}   ({device.type}{', interpreter times' if not cuda else ''})")
+        for r in rows:
+            print(f"{','.join(map(str, r['shape'])):<24}{name(r['rule']):<22}{r['rule_us']:>10.1f}  "
+                  f"{name(r['best']):<22}{r['best_us']:>10.1f}{r['rule_us'] / r['best_us']:>10.2f}")
+    return rows

@@ -148,3 +148,32 @@ def test_tile_rule_is_deterministic_and_fits_shared_memory():
                     assert 16 <= b <= 128 and b & (b - 1) == 0
                 size = torch.empty((), dtype=dtype).element_size()
                 assert (t.block_m + t.block_n) * t.block_k * size * t.num_stages <= limit
+
+
+# ---------------------------------------------------------------------------- autotune opt-in
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"shapes": []}, ValueError, "shapes"),
+    ({"shapes": [(1, 16, 4, 4)]}, ValueError, "shapes"),
+    ({"shapes": [(1, 16, 4, 4, 16)], "repeats": 0}, ValueError, "repeats"),
+    ({"shapes": [(1, 16, 4, 4, 16)], "dtype": torch.float64}, TypeError, "dtype"),
+])
+def test_autotune_rejects_bad_arguments(kwargs, exc, match):
+    from fused_resnet.kernels.conv1x1_bn import autotune_conv1x1
+
+    with pytest.raises(exc, match=match):
+        autotune_conv1x1(device="cpu", **kwargs)
+
+
+@pytest.mark.interpreter
+def test_autotune_prints_the_rule_against_the_best_on_a_tiny_shape(capsys):
+    from fused_resnet.kernels.conv1x1_bn import INTERPRETER_TILES, autotune_candidates, autotune_conv1x1
+
+    candidates = autotune_candidates(32, 16, 16, torch.float32, None)
+    assert candidates[0] == INTERPRETER_TILES and len(set(candidates)) == len(candidates)
+    rows = autotune_conv1x1([(1, 16, 4, 8, 16)], device="cpu", repeats=1)
+    assert rows[0]["rule"] == INTERPRETER_TILES
+    assert {t for _, t in rows[0]["all"]} == set(candidates)
+    out = capsys.readouterr().out
+    assert "rule tiles" in out and "1,16,4,8,16" in out and "interpreter times" in out

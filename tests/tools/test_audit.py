@@ -140,3 +140,33 @@ def test_plan_choice_measures_with_the_real_shapes_plan_when_it_changes_traffic(
     # No shape within MAX_MATCHED_ELEMENTS gets 25 spans per image: the figure is flagged, not trusted.
     monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("spans_per_image",), "elementwise": ()})
     assert audit.plan_choice("bn_relu", (256, 64, 56, 56)).basis == "unmatched"
+
+
+# --------------------------------------------------------------------------- blocks, convolutions included
+
+
+@pytest.mark.interpreter
+def test_conv_bottleneck_view_counts_convolutions_on_both_sides():
+    audits = audit.audit_conv_bottleneck(inplanes=16, planes=4, shape_hw=4, batch=1)
+    assert [a.pass_ for a in audits] == ["forward", "forward_backward"]
+    for a in audits:
+        # The per-op breakdown accounts for every byte of the totals.
+        assert sum(a.fused_breakdown.values()) == a.fused
+        assert sum(a.eager_breakdown.values()) == a.eager_implementation
+        assert any(name.startswith("conv1x1") for name in a.fused_breakdown)
+        assert "aten.convolution.default" in a.fused_breakdown  # conv2's 3x3 stays an ATen convolution
+        assert "aten.convolution.default" in a.eager_breakdown
+    forward, both = audits
+    assert "aten.convolution_backward.default" in both.eager_breakdown
+    assert forward.ratio < 1.0  # the fused forward moves fewer bytes than eager, weights included
+    # Bytes are deterministic: a second count gives the same numbers.
+    again = audit.audit_conv_bottleneck(inplanes=16, planes=4, shape_hw=4, batch=1)
+    assert [(a.fused, a.eager_implementation) for a in again] == [(a.fused, a.eager_implementation) for a in audits]
+    assert "fused/eager" in audit.format_block_table(audits)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"planes": 0}, "planes"), ({"shape_hw": 2.5}, "shape_hw"),
+                                          ({"downsample": False, "inplanes": 64, "planes": 64}, "inplanes")])
+def test_conv_bottleneck_view_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        audit.audit_conv_bottleneck(**kwargs)
