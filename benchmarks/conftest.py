@@ -90,6 +90,7 @@ def pytest_configure(config):
     config._fused_resnet_bench = suite_config(config)
     config._fused_resnet_cases = {}
     config._fused_resnet_kernels = []
+    config._fused_resnet_conv1x1 = {}  # (pass, shape, batch, dtype) -> {implementation: median s}
     if config._fused_resnet_bench.threads:
         torch.set_num_threads(config._fused_resnet_bench.threads)
 
@@ -156,11 +157,12 @@ def timed(benchmark, suite):
 def pytest_terminal_summary(terminalreporter, config):
     cases = getattr(config, "_fused_resnet_cases", {})
     kernels = getattr(config, "_fused_resnet_kernels", [])
-    if not cases and not kernels:
+    gemms = getattr(config, "_fused_resnet_conv1x1", {})
+    if not cases and not kernels and not gemms:
         return
     chosen = config._fused_resnet_bench
     info = common.machine_info(chosen.device)
-    order = {v: i for i, v in enumerate(bench.VARIANTS)}
+    order = {v: i for i, v in enumerate(bench.ALL_VARIANTS)}
     results = []
     for key, variants in cases.items():
         model, stage, mode, dtype, fmt, batch, resolution, shape = key
@@ -172,7 +174,26 @@ def pytest_terminal_summary(terminalreporter, config):
     if kernels:
         terminalreporter.write_line("")
         terminalreporter.write_line(kernel_bench.format_kernel_table(kernels, info))
+    if gemms:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(conv1x1_table(gemms))
     path = config.getoption("--bench-json")
     if path:
         common.write_json(path, bench.report(results, info, chosen, kernels))
         terminalreporter.write_line(f"wrote {path}")
+
+
+def conv1x1_table(gemms: dict) -> str:
+    """The 1x1-convolution GEMMs next to cuDNN's sequence: time, ratio, TFLOP/s and GB/s of the fused GEMM."""
+    header = ["pass", "C_in,H,W,C_out,stride", "dtype", "fused us", "cuDNN us", "cuDNN/fused", "fused TFLOP/s",
+              "fused GB/s"]
+    rows = []
+    for (pass_, shape, batch, dtype), timed in gemms.items():
+        flops, moved = kernel_bench.conv1x1_work(shape, batch, pass_, dtype)
+        fused, cudnn = timed.get("fused"), timed.get("cudnn")
+        rows.append([pass_, ",".join(map(str, shape)), dtype, common.format_figure(fused and fused * 1e6, ".1f"),
+                     common.format_figure(cudnn and cudnn * 1e6, ".1f"),
+                     common.format_figure(cudnn / fused if fused and cudnn else None, ".2f"),
+                     common.format_figure(fused and flops / fused / 1e12, ".3g"),
+                     common.format_figure(fused and moved / fused / 1e9, ".0f")])
+    return "1x1-convolution GEMMs vs cuDNN's convolution + the ops they fuse\n" + common.render_table(header, rows)

@@ -40,7 +40,8 @@ MODE_LABELS = {"eval": "fwd eval", "train": "fwd train", "train_backward": "fwd+
 VARIANTS = ("eager", "fused", "compile")
 # compile_fused: torch.compile of the fused model (fullgraph: the fused ops are single graph nodes).
 COMPILE_VARIANTS = {"compile": "eager", "compile_fused": "fused"}
-ALL_VARIANTS = VARIANTS + ("compile_fused",)
+# fused_conv: fused with fuse_convolutions (the Bottlenecks' 1x1 convolutions as Triton GEMMs).
+ALL_VARIANTS = VARIANTS + ("compile_fused", "fused_conv")
 
 
 # --------------------------------------------------------------------------- building models
@@ -64,15 +65,15 @@ class ModelCache:
         self._compiled: dict[tuple, nn.Module] = {}
 
     def model(self, name: str, variant: str, dtype: str, memory_format: str) -> nn.Module:
-        """The whole network of ``variant`` ('eager' or 'fused') on the cache's device."""
+        """The whole network of ``variant`` ('eager', 'fused' or 'fused_conv') on the cache's device."""
         key = (name, variant, dtype, memory_format)
         if key not in self._models:
             if variant == "eager":
                 model = torchvision_resnet(name, self.seed)
-            elif variant == "fused":
-                model = convert_model(torchvision_resnet(name, self.seed))
+            elif variant in ("fused", "fused_conv"):
+                model = convert_model(torchvision_resnet(name, self.seed), fuse_convolutions=variant == "fused_conv")
             else:
-                raise ValueError(f"unknown model variant '{variant}'; choose from eager, fused")
+                raise ValueError(f"unknown model variant '{variant}'; choose from eager, fused, fused_conv")
             model = model.to(device=self.device, dtype=DTYPES[dtype], memory_format=MEMORY_FORMATS[memory_format])
             self._models[key] = model
         return self._models[key]
@@ -304,7 +305,8 @@ def report(results: Sequence[CaseResult], info: dict, config: BenchConfig,
     }
 
 
-VARIANT_COLORS = {"eager": "#7f7f7f", "fused": "#1f77b4", "compile": "#ff7f0e", "compile_fused": "#2ca02c"}
+VARIANT_COLORS = {"eager": "#7f7f7f", "fused": "#1f77b4", "compile": "#ff7f0e", "compile_fused": "#2ca02c",
+                  "fused_conv": "#9467bd"}
 
 
 def plot_stage_panel(ax, group: Sequence[CaseResult], title: str) -> None:

@@ -9,10 +9,12 @@ goes to the next):
 2. ``correctness``: the pytest subset on CUDA tensors, no host sync, determinism, a CUDA
    graph, ``torch.compile(fullgraph=True)`` (see :mod:`fused_resnet.tools.gpu_checks`);
 3. ``kernels``: every fused kernel family alone at ResNet-50 stage shapes, bf16 and fp32,
-   channels_last and NCHW, GB/s and fraction of peak, next to eager's sequence;
+   channels_last and NCHW, GB/s and fraction of peak, next to eager's sequence; then the
+   1x1-convolution GEMMs at ResNet-50's 1x1 shapes (bf16, then fp32), every pass against
+   cuDNN's convolution + the ops it fuses: time, ratio, TFLOP/s and GB/s;
 4. ``device_aot``: registers, spills and shared memory of the kernels as compiled here;
 5. ``stages``: images/s per stage, eager / fused / torch.compile(eager) / torch.compile(fused),
-   compile time apart;
+   compile time apart, and fused_conv (``fuse_convolutions=True``) at layer1..layer4;
 6. ``report``: gpu.json, summary.md, gpu.png (with log.txt and pytest.txt, five files).
 
 A phase that runs out of time stops between two measurements, keeps what it measured and
@@ -41,11 +43,15 @@ from .bench import ModelCache, Measurement, make_input, measure_case
 from .common import (OP_PASSES, TAIL_OPS, CPU_NOTE, CUDA_NOTE, gpu_details, machine_info, stage_input_shapes,
                      write_json)
 from .gpu_report import summary_markdown, verdicts, write_chart
-from .kernel_bench import kernel_result, kernel_shapes, prepare_tail_step, time_kernel
+from .kernel_bench import (SMOKE_CONV1X1, conv1x1_cases, kernel_result, kernel_shapes, measure_conv1x1,
+                           prepare_tail_step, time_kernel)
 
 PHASES = ("machine", "correctness", "kernels", "device_aot", "stages", "report")
 # Seconds of the default 540 s budget; other budgets scale them.
-PHASE_SHARES = {"machine": 5, "correctness": 190, "kernels": 90, "device_aot": 5, "stages": 230, "report": 20}
+# kernels holds the tails and the 1x1-convolution GEMMs (their JIT compiles too): 50 s each from correctness and stages.
+PHASE_SHARES = {"machine": 5, "correctness": 165, "kernels": 140, "device_aot": 5, "stages": 205, "report": 20}
+# The BatchNorm tails' part of the kernels phase on a GPU; the 1x1 GEMMs get the rest.
+TAIL_SHARE_OF_KERNELS = 0.55
 DEFAULT_BUDGET_S = 540
 # The pytest subset gets at most this fraction of the correctness phase's time.
 PYTEST_SHARE = 0.45
@@ -75,6 +81,10 @@ class GpuSettings:
     kernel_stages: Optional[tuple] = None  # None: every stage
     kernel_warmup: int = 3
     kernel_iters: int = 20
+    conv1x1_shapes: Optional[tuple] = None  # None: kernels/conv1x1_bn.py RESNET50_CONV1X1
+    conv1x1_dtypes: tuple = ("bfloat16", "float32")
+    # Stages whose Bottlenecks the fuse_convolutions variant changes (stem has no 1x1 convolution).
+    fused_conv_stages: tuple = ("layer1", "layer2", "layer3", "layer4")
     check_model: str = "resnet50"  # determinism and CUDA graph
     check_batch: int = 32
     check_resolution: int = 224
@@ -103,6 +113,7 @@ def gpu_settings(smoke: bool, device: Optional[str] = None) -> GpuSettings:
     return GpuSettings(smoke=True, device="cpu", model="resnet18", batch=2, resolution=32, dtype="float32",
                        stages=("all", "layer1"), stage_warmup=0, stage_iters=1, kernel_dtypes=("float32",),
                        kernel_formats=("channels_last",), kernel_stages=("layer2",), kernel_warmup=0, kernel_iters=1,
+                       conv1x1_shapes=SMOKE_CONV1X1, conv1x1_dtypes=("float32",), fused_conv_stages=("layer1",),
                        check_model="resnet18", check_batch=2, check_resolution=32, compile_backend="eager",
                        pytest_paths=("tests/kernels/test_bn_add_relu_kernels.py",),
                        pytest_marker="interpreter or both", pytest_keyword="float32 and nhwc",
@@ -189,7 +200,7 @@ class GpuRun:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "note": CUDA_NOTE if self.on_gpu else CPU_NOTE, "budget_s": budget_s,
             "settings": dict(asdict(settings), stage_cases=settings.stage_cases),
-            "phases": {}, "machine": {}, "correctness": {}, "kernels": [], "device_aot": {}, "stages": [],
+            "phases": {}, "machine": {}, "correctness": {}, "kernels": [], "conv1x1": [], "device_aot": {}, "stages": [],
         }
 
     def log(self, message: str) -> None:
@@ -326,21 +337,47 @@ def measure_kernels(run: GpuRun, phase: Phase, into: list) -> None:
                      "speedup_over_eager": timed["eager"] / timed["fused"]})
 
 
+def measure_conv1x1_gemms(run: GpuRun, phase: Phase, into: list) -> None:
+    """The 1x1-convolution GEMMs against cuDNN's sequence, every pass at every shape; appended to ``into``."""
+    from fused_resnet.kernels.conv1x1_bn import RESNET50_CONV1X1
+
+    s = run.settings
+    todo = [(d, shape, p) for d in s.conv1x1_dtypes for shape, p in conv1x1_cases(s.conv1x1_shapes or RESNET50_CONV1X1)]
+    for i, (dtype, shape, pass_) in enumerate(todo):
+        phase.check(f"{len(todo) - i} of {len(todo)} 1x1-convolution cases")
+        into.append(measure_conv1x1(shape, pass_, s.batch, dtype, run.device, s.kernel_warmup,
+                                    s.kernel_iters).to_json())
+
+
 def phase_kernels(run: GpuRun, phase: Phase) -> None:
     if run.on_gpu:
+        # The tails take their share first, the 1x1 GEMMs the rest: a cut of one keeps the other's figures.
+        tails = Phase(phase.name, phase.clock() + TAIL_SHARE_OF_KERNELS * phase.remaining(), phase.clock)
         try:
-            measure_kernels(run, phase, run.report["kernels"])
+            cut = None
+            try:
+                measure_kernels(run, tails, run.report["kernels"])
+            except PhaseCut as exc:
+                cut = exc
+            measure_conv1x1_gemms(run, phase, run.report["conv1x1"])
+            if cut is not None:
+                raise cut
         finally:
             torch.cuda.empty_cache()
         return
-    part = run.in_interpreter(["kernels"], phase)["kernels"]
-    if "cases" not in part:  # the child failed or ran out of time
-        if part.get("status") == "error":
-            raise RuntimeError(part.get("error"))
-        raise PhaseCut(part.get("reason"))
-    run.report["kernels"] = part["cases"]
-    if part["cut"]:
-        raise PhaseCut(part["cut"])
+    parts = run.in_interpreter(["kernels", "conv1x1"], phase)
+    cuts = []
+    for name in ("kernels", "conv1x1"):
+        part = parts[name]
+        if "cases" not in part:  # the child failed or ran out of time
+            if part.get("status") == "error":
+                raise RuntimeError(part.get("error"))
+            raise PhaseCut(part.get("reason"))
+        run.report[name] = part["cases"]
+        if part["cut"]:
+            cuts.append(part["cut"])
+    if cuts:
+        raise PhaseCut("; ".join(cuts))
 
 
 def phase_device_aot(run: GpuRun, phase: Phase) -> None:
@@ -358,6 +395,8 @@ def phase_stages(run: GpuRun, phase: Phase) -> None:
     for i, (mode, stage) in enumerate(todo):
         phase.check(", ".join(f"{st} {m}" for m, st in todo[i:]))
         variants, dropped = ["eager", "fused"], []
+        if stage in s.fused_conv_stages:
+            variants.append("fused_conv")
         for variant in ("compile", "compile_fused"):
             known = (variant, stage, mode) in run.compile_times
             observed = [t for (_, _, m), t in run.compile_times.items() if m == mode]
@@ -442,10 +481,14 @@ def run_gpu(out: str, budget_s: float = DEFAULT_BUDGET_S, smoke: bool = False, d
 # --------------------------------------------------------------------------- interpreter child
 
 
-def _worker_kernels(run: GpuRun, phase: Phase) -> dict:
+def _worker_cases(measure: Callable) -> Callable[[GpuRun, Phase], dict]:
+    return lambda run, phase: _worker_measure(measure, run, phase)
+
+
+def _worker_measure(measure: Callable, run: GpuRun, phase: Phase) -> dict:
     cases: list = []
     try:
-        measure_kernels(run, phase, cases)
+        measure(run, phase, cases)
         cut = None
     except PhaseCut as exc:
         cut = str(exc)
@@ -454,7 +497,8 @@ def _worker_kernels(run: GpuRun, phase: Phase) -> dict:
 
 WORKER_PARTS = {
     "ops_determinism": lambda run, phase: correctness_checks(run, phase, ["ops_determinism"])["ops_determinism"],
-    "kernels": _worker_kernels,
+    "kernels": _worker_cases(measure_kernels),
+    "conv1x1": _worker_cases(measure_conv1x1_gemms),
 }
 
 

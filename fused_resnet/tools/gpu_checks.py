@@ -357,7 +357,7 @@ def offline_kernel_facts(target_name: str = "sm_90a", limit: int = 1) -> dict:
 
     target = TARGETS[target_name]
     specialisations, seen = [], set()
-    for launch in launches_of_every_kernel():
+    for launch in launches_of_every_kernel(target):
         if launch.name in seen or len(seen) >= limit:
             continue
         seen.add(launch.name)

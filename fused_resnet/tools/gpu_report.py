@@ -89,6 +89,43 @@ def stages_verdict(stages: Sequence[dict], planned: int, judged: bool, reason: s
     return verdicts[0], verdicts[1]
 
 
+def conv1x1_stage(shape: Sequence[int]) -> str:
+    """The ResNet-50 stage of a 1x1 convolution (C_in, H, W, C_out, stride) by its output size at 224x224."""
+    ho = (shape[1] - 1) // shape[4] + 1
+    return {56: "layer1", 28: "layer2", 14: "layer3", 7: "layer4"}.get(ho, f"{ho}x{ho}")
+
+
+def conv1x1_verdict(gemms: Sequence[dict], stages: Sequence[dict], judged: bool, reason: str = "") -> dict:
+    """Per stage: is the fused GEMM path (fuse_convolutions) faster than cuDNN + today's kernels? Yes when
+    its train step (and eval, where measured) beats the fused variant's; the GEMMs' summed time vs cuDNN's
+    sequence alongside."""
+    per_stage: dict[str, dict] = {}
+    for g in gemms:
+        entry = per_stage.setdefault(conv1x1_stage(g["shape"]), {"fused_s": 0.0, "cudnn_s": 0.0})
+        entry["fused_s"] += g["fused_s"]
+        entry["cudnn_s"] += g["cudnn_s"]
+    for e in per_stage.values():
+        e["gemm_speedup_over_cudnn"] = e.pop("cudnn_s") / e.pop("fused_s") if e["fused_s"] else None
+    for case in stages:
+        ips = {v: (case["variants"].get(v) or {}).get("images_per_s") for v in ("fused", "fused_conv")}
+        if ips["fused"] and ips["fused_conv"]:
+            per_stage.setdefault(case["stage"], {})[f"{case['mode']}_over_fused"] = ips["fused_conv"] / ips["fused"]
+    for e in per_stage.values():
+        steps = [r for k, r in e.items() if k.endswith("_over_fused")]
+        e["faster"] = None if not steps else all(r > 1.0 for r in steps)
+    line = "fused GEMM path faster than cuDNN + today's kernels: " + (", ".join(
+        f"{st} {'-' if e['faster'] is None else 'yes' if e['faster'] else 'no'}"
+        for st, e in per_stage.items() if "faster" in e and st.startswith("layer")) or "no stage measured")
+    out = {"goal": "fuse_convolutions train step and eval faster than fused (cuDNN 1x1 + fused tails) per stage",
+           "per_stage": per_stage, "line": line}
+    decided = [e["faster"] for e in per_stage.values() if e["faster"] is not None]
+    if not judged:
+        out.update(status=NOT_JUDGED, reason=reason)
+    else:
+        out["status"] = (FAIL if False in decided else PASS) if decided else NOT_MEASURED
+    return out
+
+
 def correctness_verdict(checks: dict) -> dict:
     """PASS when every check that ran passed; skipped and cut checks are listed, not counted."""
     failed = [name for name, c in checks.items() if c.get("passed") is False]
@@ -109,7 +146,8 @@ def verdicts(report: dict) -> dict:
     vs_eager, vs_compile = stages_verdict(report["stages"], report["settings"]["stage_cases"], judged, reason)
     return {"correctness": correctness_verdict(checks),
             "kernel_bandwidth": kernel_bandwidth_verdict(report["kernels"], judged, reason),
-            "stages_vs_eager": vs_eager, "stages_vs_compile": vs_compile}
+            "stages_vs_eager": vs_eager, "stages_vs_compile": vs_compile,
+            "conv1x1": conv1x1_verdict(report.get("conv1x1", []), report["stages"], judged, reason)}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -126,7 +164,7 @@ def _pct(value: Optional[float]) -> str:
 
 def _verdict_detail(name: str, v: dict) -> str:
     if v["status"] == NOT_JUDGED:
-        return v["reason"]
+        return v["reason"] + ("; " + v["line"] if name == "conv1x1" else "")
     if name == "correctness":
         text = f"passed: {', '.join(v['passed']) or '-'}"
         if v["failed"]:
@@ -134,6 +172,8 @@ def _verdict_detail(name: str, v: dict) -> str:
         if v["not_run"]:
             text += "; not run: " + ", ".join(f"{k} ({r})" for k, r in v["not_run"].items())
         return text
+    if name == "conv1x1":
+        return v["line"]
     if name == "kernel_bandwidth":
         text = (f"{v['passing']} of {v['judged_cases']} cases; min {_pct(v['min_fraction'])}, "
                 f"median {_pct(v['median_fraction'])} of peak")
@@ -233,7 +273,8 @@ def summary_markdown(report: dict) -> str:
                   "needed). It checks that the command works; its figures are CPU figures and no speed goal is "
                   "judged.", ""]
     names = {"correctness": "correct on the device", "kernel_bandwidth": v["kernel_bandwidth"]["goal"],
-             "stages_vs_eager": v["stages_vs_eager"]["goal"], "stages_vs_compile": v["stages_vs_compile"]["goal"]}
+             "stages_vs_eager": v["stages_vs_eager"]["goal"], "stages_vs_compile": v["stages_vs_compile"]["goal"],
+             "conv1x1": v["conv1x1"]["goal"]}
     lines += ["## Verdict", ""] + _table(["goal", "verdict", "detail"],
                                          [[names[k], f"**{v[k]['status']}**", _verdict_detail(k, v[k])] for k in v])
     lines += ["", "## Phases", ""] + _table(
@@ -258,6 +299,19 @@ def summary_markdown(report: dict) -> str:
                   f"brackets eager's time / fused's time (median). Bytes: the design traffic (fused) and the "
                   f"audit's count of eager's sequence (eager); per stage in gpu.json.", ""]
         lines += _table(*_kernel_table(report["kernels"]))
+    if report.get("conv1x1"):
+        lines += ["", f"## 1x1-convolution GEMMs vs cuDNN's sequence, batch {s['batch']}, channels_last", "",
+                  "Bytes: one read of each operand and one write of the result; cuDNN's sequence also runs the "
+                  "BatchNorm/ReLU ops the GEMM fuses (var_mean for statistics, bn + relu for eval, bn + relu "
+                  "of the input for conv3's prologue)."
+                  + ("" if report["device_kind"] == "cuda" else " CPU figures: the GEMMs in Triton's interpreter, "
+                     "'cuDNN' is ATen's CPU convolution; they say nothing about GPU speed."), ""]
+        lines += _table(["pass", "C_in,H,W,C_out,stride", "dtype", "fused us", "cuDNN us", "cuDNN/fused",
+                         "fused TFLOP/s", "fused GB/s", "cuDNN TFLOP/s", "cuDNN GB/s"],
+                        [[PASS_LABELS.get(g["pass_"], g["pass_"]), ",".join(map(str, g["shape"])), g["dtype"],
+                          f"{g['fused_s'] * 1e6:.1f}", f"{g['cudnn_s'] * 1e6:.1f}", f"{g['speedup_over_cudnn']:.2f}",
+                          f"{g['fused_tflop_per_s']:.3g}", _gb(g["fused_gb_per_s"]), f"{g['cudnn_tflop_per_s']:.3g}",
+                          _gb(g["cudnn_gb_per_s"])] for g in report["conv1x1"]])
     if report["stages"]:
         lines += ["", f"## Per-stage throughput: {s['model']}, batch {s['batch']}, "
                       f"{s['resolution']}x{s['resolution']}, "
@@ -321,6 +375,19 @@ def _plot_kernel_panel(ax, kernels: Sequence[dict]) -> None:
     ax.legend(fontsize=7, ncol=3)
 
 
+def _plot_conv1x1_panel(ax, gemms: Sequence[dict]) -> None:
+    """cuDNN's time / the fused GEMM's per 1x1-convolution case (above 1: the GEMM is faster)."""
+    if not gemms:
+        ax.axis("off")
+        return
+    labels = [f"{g['pass_']}\n{','.join(map(str, g['shape']))}\n{g['dtype']}" for g in gemms]
+    ax.bar(range(len(gemms)), [g["speedup_over_cudnn"] for g in gemms], color="#2ca02c")
+    ax.axhline(1.0, color="#d62728", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(gemms)), labels, fontsize=5, rotation=90)
+    ax.set_ylabel("cuDNN time / fused time")
+    ax.set_title("1x1-convolution GEMMs vs cuDNN's sequence for the same work", fontsize=9)
+
+
 def write_chart(path: str, report: dict) -> None:
     """One PNG: the fused kernels' fraction of peak bandwidth (GB/s on the CPU) per case, then
     images/s per stage for every variant, one panel per mode."""
@@ -329,13 +396,14 @@ def write_chart(path: str, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     panels = stage_panels(_case_results(report["stages"]))
-    fig, axes = plt.subplots(1 + max(len(panels), 1), 1, figsize=(12, 3.8 * (1 + max(len(panels), 1))),
-                             squeeze=False)
+    rows = 2 + max(len(panels), 1)
+    fig, axes = plt.subplots(rows, 1, figsize=(12, 3.8 * rows), squeeze=False)
     _plot_kernel_panel(axes[0][0], report["kernels"])
-    for ax, (key, group) in zip([a[0] for a in axes[1:]], panels.items()):
+    _plot_conv1x1_panel(axes[1][0], report.get("conv1x1", []))
+    for ax, (key, group) in zip([a[0] for a in axes[2:]], panels.items()):
         plot_stage_panel(ax, group, panel_title(key))
     if not panels:
-        axes[1][0].axis("off")
+        axes[2][0].axis("off")
     where = report["machine"].get("gpu") or f"CPU smoke run ({report['machine'].get('cpu')})"
     fig.suptitle(f"fused-resnet gpu - {where}", fontsize=10)
     fig.tight_layout()

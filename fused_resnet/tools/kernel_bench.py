@@ -158,3 +158,159 @@ def format_kernel_table(results: Sequence[KernelResult], info: dict) -> str:
         title = ("Fused ops alone on the CPU path (ATen composite, not the Triton kernels): effective GB/s "
                  "= audited fused-kernel bytes / CPU time. " + CPU_NOTE)
     return title + "\n" + render_table(header, rows)
+
+
+# --------------------------------------------------------------------------- 1x1-convolution GEMMs
+
+# What each timed pass of a 1x1 convolution computes (the fused GEMM vs cuDNN + the ops it replaces):
+# forward_stats: conv + the following BatchNorm's batch statistics (conv1, downsample);
+# forward_prologue_stats: relu(bn(x)) into the conv + statistics (conv3); eval: conv + bn + relu;
+# dgrad / wgrad: the convolution's input / weight gradient.
+CONV1X1_PASSES = ("forward_stats", "forward_prologue_stats", "eval", "dgrad", "wgrad")
+# Toy 1x1 convolutions (C_in, H, W, C_out, stride) for the smoke run through the interpreter.
+SMOKE_CONV1X1 = ((16, 4, 4, 16, 1), (16, 4, 4, 32, 2))
+
+
+def conv1x1_work(shape: Sequence[int], batch: int, pass_: str, dtype: str) -> tuple[int, int]:
+    """(FLOPs, minimum bytes) of one pass: 2*M*C_in*C_out and one read of every operand plus one
+    write of the result (per-channel vectors and fp32 partials left out)."""
+    C_in, H, W, C_out, stride = shape
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    M, size = batch * Ho * Wo, torch.empty((), dtype=_dtype(dtype)).element_size()
+    weight, a, y = C_in * C_out, M * C_in, M * C_out
+    dx = batch * H * W * C_in  # dgrad writes the whole input, zeros where a stride skips
+    elements = {"dgrad": y + weight + dx, "wgrad": y + a + weight}.get(pass_, a + weight + y)
+    return 2 * M * C_in * C_out, elements * size
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: str, device: torch.device,
+                         implementation: str = "fused", seed: int = 0) -> Callable[[], None]:
+    """One pass of one 1x1 convolution (channels_last): the Triton GEMM (``fused``) or cuDNN's
+    convolution plus the PyTorch ops the GEMM's prologue / epilogue replace (``cudnn``)."""
+    from fused_resnet.kernels.bn_add_relu import ChannelNorm
+    from fused_resnet.kernels.conv1x1_bn import (conv1x1_dgrad, conv1x1_forward, conv1x1_stats_finalize,
+                                                 conv1x1_wgrad)
+
+    if implementation not in ("fused", "cudnn"):
+        raise ValueError(f"unknown implementation '{implementation}'; choose from fused, cudnn")
+    if pass_ not in CONV1X1_PASSES:
+        raise ValueError(f"unknown pass '{pass_}'; choose from {', '.join(CONV1X1_PASSES)}")
+    C_in, H, W, C_out, stride = shape
+    device, torch_dtype = torch.device(device), _dtype(dtype)
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+
+    def nhwc(*size, scale=1.0):
+        t = torch.randn(*size, generator=g) * scale
+        return t.to(device=device, dtype=torch_dtype).contiguous(memory_format=torch.channels_last)
+
+    def vec(C, low=0.5, high=1.5):
+        return (torch.rand(C, generator=g) * (high - low) + low).to(device)
+
+    x, dy = nhwc(batch, C_in, H, W), nhwc(batch, C_out, Ho, Wo)
+    w = (torch.randn(C_out, C_in, 1, 1, generator=g) / C_in ** 0.5).to(device=device, dtype=torch_dtype)
+    in_norm = ChannelNorm(vec(C_in, -0.1, 0.1), vec(C_in), vec(C_in), vec(C_in, -0.1, 0.1))
+    # Eval's ChannelNorm carries the running variance in its invstd slot (the kernel's FROM_VAR).
+    out_norm = ChannelNorm(vec(C_out, -0.1, 0.1), vec(C_out), vec(C_out), vec(C_out, -0.1, 0.1))
+    running = (torch.zeros(C_out, device=device), torch.ones(C_out, device=device),
+               torch.zeros((), dtype=torch.long, device=device))
+    M = batch * Ho * Wo
+    # cuDNN's default for fp32 convolutions is TF32; the GEMM matches it so both do the same math.
+    tf32 = torch_dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    conv = torch.nn.functional.conv2d
+    if stride > 1 and pass_ == "forward_prologue_stats":
+        raise ValueError("forward_prologue_stats is conv3's pass: stride 1 only")
+
+    if implementation == "fused":
+        if pass_ in ("forward_stats", "forward_prologue_stats"):
+            prologue = in_norm if pass_ == "forward_prologue_stats" else None
+
+            def step():
+                _, partials, rows = conv1x1_forward(x, w, None, stride, prologue, stats=True, allow_tf32=tf32)
+                conv1x1_stats_finalize(partials, M, rows, *running, 0.1, 1e-5)
+        elif pass_ == "eval":
+            def step():
+                conv1x1_forward(x, w, None, stride, eval_norm=out_norm, eval_eps=1e-5, relu=True, allow_tf32=tf32)
+        elif pass_ == "dgrad":
+            def step():
+                conv1x1_dgrad(dy, w, x, stride, allow_tf32=tf32)
+        else:
+            def step():
+                conv1x1_wgrad(dy, x, w, stride, allow_tf32=tf32)
+        return step
+
+    def bn_relu_input():
+        scale = in_norm.invstd * in_norm.weight
+        shift = in_norm.bias - in_norm.mean * scale
+        return torch.relu(x * scale.view(1, -1, 1, 1).to(torch_dtype) + shift.view(1, -1, 1, 1).to(torch_dtype))
+
+    def stats(y):
+        torch.var_mean(y, dim=(0, 2, 3), correction=0)
+
+    if pass_ == "forward_stats":
+        def step():
+            stats(conv(x, w, None, stride))
+    elif pass_ == "forward_prologue_stats":
+        def step():
+            stats(conv(bn_relu_input(), w, None, stride))
+    elif pass_ == "eval":
+        def step():
+            y = conv(x, w, None, stride)
+            torch.relu_(torch.nn.functional.batch_norm(y, out_norm.mean, out_norm.invstd, out_norm.weight,
+                                                       out_norm.bias, False, 0.0, 1e-5))
+    else:
+        mask = [pass_ == "dgrad", pass_ == "wgrad", False]
+
+        def step():
+            torch.ops.aten.convolution_backward(dy, x, w, None, [stride, stride], [0, 0], [1, 1], False,
+                                                [0, 0], 1, mask)
+
+    def no_grad_step():
+        with torch.no_grad():
+            step()
+    return no_grad_step
+
+
+@dataclass
+class Conv1x1Result:
+    """One pass of one 1x1 convolution: the fused GEMM next to cuDNN's sequence for the same work."""
+
+    pass_: str
+    shape: list[int]  # C_in, H, W, C_out, stride
+    batch: int
+    dtype: str
+    flops: int
+    bytes_moved: int
+    fused_s: float
+    cudnn_s: float
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(speedup_over_cudnn=self.cudnn_s / self.fused_s,
+                   fused_tflop_per_s=self.flops / self.fused_s / 1e12,
+                   cudnn_tflop_per_s=self.flops / self.cudnn_s / 1e12,
+                   fused_gb_per_s=self.bytes_moved / self.fused_s / 1e9,
+                   cudnn_gb_per_s=self.bytes_moved / self.cudnn_s / 1e9)
+        return out
+
+
+def conv1x1_cases(shapes: Sequence[Sequence[int]]) -> list[tuple[tuple, str]]:
+    """(shape, pass) pairs: every pass at every shape, conv3's prologue pass only at stride 1."""
+    return [(tuple(shape), p) for shape in shapes for p in CONV1X1_PASSES
+            if not (p == "forward_prologue_stats" and shape[4] > 1)]
+
+
+def measure_conv1x1(shape: Sequence[int], pass_: str, batch: int, dtype: str, device: torch.device,
+                    warmup: int, iters: int) -> Conv1x1Result:
+    """The fused GEMM and cuDNN's sequence for one pass, each timed by :func:`time_kernel`."""
+    timed = {}
+    for implementation in ("fused", "cudnn"):
+        step = prepare_conv1x1_step(pass_, shape, batch, dtype, device, implementation)
+        timed[implementation] = time_kernel(step, device, warmup, iters)
+        del step
+    flops, moved = conv1x1_work(shape, batch, pass_, dtype)
+    return Conv1x1Result(pass_, list(shape), batch, dtype, flops, moved, timed["fused"], timed["cudnn"])

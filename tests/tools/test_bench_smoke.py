@@ -115,3 +115,40 @@ def test_design_traffic_is_the_budget_else_the_minimum():
     assert common.fused_design_traffic("add_relu", "forward_eval") == 3
     with pytest.raises(ValueError, match="op 'add_relu' has no pass 'forward_train'"):
         common.fused_design_traffic("add_relu", "forward_train")
+
+
+def test_conv1x1_work_counts_the_gemm_and_one_pass_over_each_operand():
+    # conv3 of layer1 at batch 2: M = 2*56*56 rows, K = 64, N = 256, bf16.
+    flops, moved = kernel_bench.conv1x1_work((64, 56, 56, 256, 1), 2, "forward_stats", "bfloat16")
+    M = 2 * 56 * 56
+    assert flops == 2 * M * 64 * 256 and moved == 2 * (M * 64 + 64 * 256 + M * 256)
+    # A stride-2 dgrad writes the whole input (zeros at the skipped pixels), reads dy of the sampled ones.
+    _, moved = kernel_bench.conv1x1_work((256, 56, 56, 512, 2), 1, "dgrad", "float32")
+    assert moved == 4 * (28 * 28 * 512 + 256 * 512 + 56 * 56 * 256)
+    assert [p for s, p in kernel_bench.conv1x1_cases([(8, 4, 4, 8, 2)])] == ["forward_stats", "eval", "dgrad", "wgrad"]
+
+
+def test_conv1x1_steps_reject_unknown_names():
+    with pytest.raises(ValueError, match="unknown implementation 'cublas'; choose from fused, cudnn"):
+        kernel_bench.prepare_conv1x1_step("dgrad", (8, 4, 4, 8, 1), 1, "float32", "cpu", "cublas")
+    with pytest.raises(ValueError, match="unknown pass 'bwd'"):
+        kernel_bench.prepare_conv1x1_step("bwd", (8, 4, 4, 8, 1), 1, "float32", "cpu")
+    with pytest.raises(ValueError, match="stride 1 only"):
+        kernel_bench.prepare_conv1x1_step("forward_prologue_stats", (8, 4, 4, 8, 2), 1, "float32", "cpu")
+
+
+@pytest.mark.parametrize("pass_", ["forward_stats", "forward_prologue_stats", "eval", "dgrad", "wgrad"])
+def test_conv1x1_cudnn_steps_run_on_the_cpu(pass_):
+    kernel_bench.prepare_conv1x1_step(pass_, (8, 4, 4, 16, 1), 2, "float32", "cpu", "cudnn")()
+
+
+def test_fused_conv_variant_converts_bottlenecks_and_computes_what_fused_does():
+    from fused_resnet.nn.conv_bottleneck import FusedConvBottleneck
+
+    cache = bench.ModelCache(torch.device("cpu"))
+    fused_conv = cache.model("resnet50", "fused_conv", "float32", "channels_last").eval()
+    fused = cache.model("resnet50", "fused", "float32", "channels_last").eval()
+    assert all(type(b) is FusedConvBottleneck for layer in ("layer1", "layer4") for b in getattr(fused_conv, layer))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_conv(x), fused(x), rtol=0, atol=0)  # CPU: both take the same ATen path

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fused_resnet.tools import gpu, gpu_checks, gpu_report
+from fused_resnet.tools import gpu, gpu_checks, gpu_report, kernel_bench
 from fused_resnet.tools.gpu_report import FAIL, NOT_JUDGED, NOT_MEASURED, PASS
 
 
@@ -61,6 +61,21 @@ def test_stages_verdict_fails_on_one_stage_below_the_goal():
     assert vs_eager["status"] == FAIL and vs_eager["failing"] == ["layer1 fwd+bwd: 1.10x"]
     assert vs_compile["status"] == PASS and vs_compile["passing"] == 2 and vs_compile["planned_cases"] == 12
     assert gpu_report.stages_verdict(cases, 12, judged=False, reason="smoke")[0]["status"] == NOT_JUDGED
+
+
+def test_conv1x1_verdict_says_yes_or_no_per_stage():
+    gemms = [{"shape": [64, 56, 56, 256, 1], "fused_s": 1.0, "cudnn_s": 3.0},
+             {"shape": [256, 56, 56, 64, 1], "fused_s": 1.0, "cudnn_s": 1.0},
+             {"shape": [512, 28, 28, 1024, 2], "fused_s": 2.0, "cudnn_s": 1.0}]
+    stages = [stage_case("layer1", fused=100.0, fused_conv=120.0), stage_case("layer1", "eval", fused=100, fused_conv=101),
+              stage_case("layer3", fused=100.0, fused_conv=90.0), stage_case("all", fused=100.0)]
+    v = gpu_report.conv1x1_verdict(gemms, stages, judged=True)
+    assert v["per_stage"]["layer1"] == {"gemm_speedup_over_cudnn": 2.0, "train_backward_over_fused": 1.2,
+                                        "eval_over_fused": 1.01, "faster": True}
+    assert v["per_stage"]["layer3"]["gemm_speedup_over_cudnn"] == 0.5 and v["per_stage"]["layer3"]["faster"] is False
+    assert v["line"] == "fused GEMM path faster than cuDNN + today's kernels: layer1 yes, layer3 no"
+    assert v["status"] == FAIL
+    assert gpu_report.conv1x1_verdict([], [], judged=False, reason="smoke")["status"] == NOT_JUDGED
 
 
 def test_correctness_counts_what_ran_and_lists_what_did_not():
@@ -159,13 +174,26 @@ def test_smoke_run_writes_every_file_and_figure(tmp_path):
     assert {(k["fused"]["dtype"], k["fused"]["memory_format"], k["fused"]["stage"]) for k in kernels} == {
         ("float32", "channels_last", "layer2")}
     assert all(k["fused"]["gb_per_s"] > 0 and k["eager"]["bytes_moved"] > 0 for k in kernels)
+    gemms = data["conv1x1"]
+    assert {(tuple(g["shape"]), g["pass_"]) for g in gemms} == set(kernel_bench.conv1x1_cases(kernel_bench.SMOKE_CONV1X1))
+    assert {g["dtype"] for g in gemms} == {"float32"} and all(g["batch"] == 2 for g in gemms)
+    for g in gemms:
+        assert g["fused_s"] > 0 and g["cudnn_s"] > 0 and g["flops"] > 0 and g["bytes_moved"] > 0
+        assert g["speedup_over_cudnn"] == pytest.approx(g["cudnn_s"] / g["fused_s"])
+        assert g["fused_tflop_per_s"] > 0 and g["fused_gb_per_s"] > 0 and g["cudnn_gb_per_s"] > 0
     stages = {(s["stage"], s["mode"]): s for s in data["stages"]}
+    assert set(stages[("layer1", "train_backward")]["variants"]) >= {"eager", "fused", "fused_conv"}
+    assert "fused_conv" not in stages[("all", "eval")]["variants"]
+    conv = data["verdict"]["conv1x1"]
+    assert conv["line"].startswith("fused GEMM path faster than cuDNN + today's kernels: layer1 ")
+    assert "train_backward_over_fused" in conv["per_stage"]["layer1"]
     assert set(stages) == {(st, m) for st in ("all", "layer1") for m in ("train_backward", "eval")}
     assert set(stages[("all", "eval")]["variants"]) == {"eager", "fused", "compile", "compile_fused"}
     assert stages[("all", "train_backward")]["variants"]["compile_fused"]["compile_s"] > 0
     assert {v["status"] for k, v in data["verdict"].items() if k != "correctness"} == {NOT_JUDGED}
     assert data["verdict"]["correctness"]["status"] == PASS
     summary = (out / "summary.md").read_text()
+    assert "## 1x1-convolution GEMMs vs cuDNN" in summary and "fused GEMM path faster than" in summary
     assert "## Verdict" in summary and "Smoke run" in summary and "| pytest | yes |" in summary
     assert (out / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Verdict" in printed  # the summary is printed at the end
