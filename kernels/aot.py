@@ -278,15 +278,57 @@ def bn_add_relu_launches(x: torch.Tensor, layout: Layout, every: bool) -> Iterat
 
 
 def conv1x1_launches(shapes: RealShapes, every: bool, target: GPUTarget) -> Iterator[Launch]:
-    """The 1x1-convolution GEMMs of a FusedConvBottleneck at ``shapes.conv1x1``, with the
-    tiles their rule picks for ``target``, recorded at each batch size (M = N * H * W
-    moves tiles and splits)."""
-    from .conv1x1_bn import aot_launches
+    """The launches a FusedConvBottleneck makes at ``shapes.conv1x1`` on ``target`` (its
+    tiles depend on it), at each batch size (M = N * H * W moves tiles and splits): in
+    training the forward with statistics (conv1, downsample) or prologue + statistics
+    (conv3), their dgrad (conv1's also with the downsample's gradient added or in its
+    reduction) / wgrad and finalize passes; in eval the folded-BatchNorm epilogues (conv1
+    with ReLU, downsample without, conv3 with the prologue, residual and ReLU). fp32 with
+    TF32 on (cuDNN's default) and, with ``every``, off."""
+    from .bn_add_relu import ChannelNorm
+    from .conv1x1_bn import (conv1x1_dgrad, conv1x1_forward, conv1x1_prologue_backward, conv1x1_stats_finalize,
+                             conv1x1_wgrad)
 
-    if shapes.conv1x1:
-        batch_sizes = shapes.batch_sizes if shapes.conv1x1_batch_sizes is None else shapes.conv1x1_batch_sizes
-        yield from aot_launches(target, batch_sizes=batch_sizes, dtypes=shapes.dtypes, shapes=shapes.conv1x1,
-                                every=every)
+    def meta(*shape, dtype, nhwc=True):
+        t = torch.empty(shape, dtype=dtype, device="meta")
+        return t.contiguous(memory_format=torch.channels_last) if nhwc else t
+
+    def vec(C):
+        return meta(C, dtype=torch.float32, nhwc=False)
+
+    batch_sizes = shapes.batch_sizes if shapes.conv1x1_batch_sizes is None else shapes.conv1x1_batch_sizes
+    for N in batch_sizes:
+        for C_in, H, W, C_out, stride in shapes.conv1x1:
+            for dtype in shapes.dtypes:
+                x = meta(N, C_in, H, W, dtype=dtype)
+                w = meta(C_out, C_in, 1, 1, dtype=dtype, nhwc=False)
+                Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+                dy = meta(N, C_out, Ho, Wo, dtype=dtype)
+                norm = ChannelNorm(vec(C_in), vec(C_in), vec(C_in), vec(C_in))
+                eval_norm = ChannelNorm(vec(C_out), vec(C_out), vec(C_out), vec(C_out))
+                counter = meta(dtype=torch.long, nhwc=False)
+                prologues = (None,) if stride > 1 else (None, norm)
+                for tf32 in ((True, False) if (dtype == torch.float32 and every) else (True,)):
+                    with record_launches() as rec:
+                        for prologue in prologues:
+                            y, partials, rows = conv1x1_forward(x, w, None, stride, prologue, stats=True,
+                                                                allow_tf32=tf32, target=target)
+                            conv1x1_stats_finalize(partials, N * Ho * Wo, rows, vec(C_out), vec(C_out), counter,
+                                                   0.1, 1e-5)
+                            g, sums = conv1x1_dgrad(dy, w, x, stride, prologue, allow_tf32=tf32, target=target)
+                            if prologue is None and stride == 1:
+                                # conv1 of a block with a downsample: x's gradient with the
+                                # downsample's added (stride 2) or in the same GEMM (stride 1).
+                                conv1x1_dgrad(dy, w, x, 1, add=x, allow_tf32=tf32, target=target)
+                                conv1x1_dgrad(dy, w, x, 1, second=(dy, w), allow_tf32=tf32, target=target)
+                            if prologue is not None:
+                                conv1x1_prologue_backward(g, sums, x, prologue, True, True, True)
+                            conv1x1_wgrad(dy, x, w, stride, prologue, allow_tf32=tf32, target=target)
+                            # Eval: conv1 (+ bn + relu), downsample (+ bn), conv3 (prologue + bn + residual + relu).
+                            conv1x1_forward(x, w, None, stride, prologue, eval_norm=eval_norm, eval_eps=1e-5,
+                                            residual=dy if prologue is not None else None, relu=stride == 1,
+                                            allow_tf32=tf32, target=target)
+                    yield from rec.launches
 
 
 # One function per kernel family: (shapes, every, target) -> the launches the ops make there.

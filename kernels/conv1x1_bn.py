@@ -32,12 +32,12 @@ Kernels, read top to bottom (the tiling follows Triton's matrix-multiplication t
    the same bits on every run.
 
 Tiles come from ``gemm_tiles``, a deterministic rule of the shape, dtype and target.
-``aot_launches`` yields the launches a FusedConvBottleneck makes at ResNet-50 shapes.
+``kernels/aot.py``'s ``conv1x1_launches`` records the launches a FusedConvBottleneck makes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import triton
@@ -760,59 +760,6 @@ RESNET50_CONV1X1 = (
     (512, 28, 28, 256, 1), (256, 14, 14, 1024, 1), (512, 28, 28, 1024, 2), (1024, 14, 14, 256, 1),  # layer3
     (1024, 14, 14, 512, 1), (512, 7, 7, 2048, 1), (1024, 14, 14, 2048, 2), (2048, 7, 7, 512, 1),  # layer4
 )
-
-
-def aot_launches(target, batch_sizes=(256,), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                 shapes=RESNET50_CONV1X1, every: bool = True) -> Iterator:
-    """The launches a FusedConvBottleneck makes at ``shapes`` (default ResNet-50's) on
-    ``target``, recorded on meta tensors (nothing is allocated or run): in training the
-    forward with statistics (conv1, downsample) or prologue + statistics (conv3), their
-    dgrad (conv1's also with the downsample's gradient added or in its reduction) /
-    wgrad and finalize passes; in eval the folded-BatchNorm epilogues (conv1 with
-    ReLU, downsample without, conv3 with the prologue, residual and ReLU). fp32 with TF32
-    on (cuDNN's default) and, with ``every``, off. Yields ``aot.Launch`` objects."""
-    from .aot import record_launches
-
-    def meta(*shape, dtype, nhwc=True):
-        t = torch.empty(shape, dtype=dtype, device="meta")
-        return t.contiguous(memory_format=torch.channels_last) if nhwc else t
-
-    for N in batch_sizes:
-        for C_in, H, W, C_out, stride in shapes:
-            for dtype in dtypes:
-                x = meta(N, C_in, H, W, dtype=dtype)
-                w = meta(C_out, C_in, 1, 1, dtype=dtype, nhwc=False)
-                Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-                dy = meta(N, C_out, Ho, Wo, dtype=dtype)
-
-                def vec(C):
-                    return meta(C, dtype=torch.float32, nhwc=False)
-
-                norm = ChannelNorm(vec(C_in), vec(C_in), vec(C_in), vec(C_in))
-                counter = meta(dtype=torch.long, nhwc=False)
-                prologues = (None,) if stride > 1 else (None, norm)
-                for tf32 in ((True, False) if (dtype == torch.float32 and every) else (True,)):
-                    with record_launches() as rec:
-                        for prologue in prologues:
-                            y, partials, rows = conv1x1_forward(x, w, None, stride, prologue, stats=True,
-                                                                allow_tf32=tf32, target=target)
-                            conv1x1_stats_finalize(partials, N * Ho * Wo, rows, vec(C_out), vec(C_out), counter,
-                                                   0.1, 1e-5)
-                            g, sums = conv1x1_dgrad(dy, w, x, stride, prologue, allow_tf32=tf32, target=target)
-                            if prologue is None and stride == 1:
-                                # conv1 of a block with a downsample: x's gradient with the
-                                # downsample's added (stride 2) or in the same GEMM (stride 1).
-                                conv1x1_dgrad(dy, w, x, 1, add=x, allow_tf32=tf32, target=target)
-                                conv1x1_dgrad(dy, w, x, 1, second=(dy, w), allow_tf32=tf32, target=target)
-                            if prologue is not None:
-                                conv1x1_prologue_backward(g, sums, x, prologue, True, True, True)
-                            conv1x1_wgrad(dy, x, w, stride, prologue, allow_tf32=tf32, target=target)
-                            eval_norm = ChannelNorm(vec(C_out), vec(C_out), vec(C_out), vec(C_out))
-                            # Eval: conv1 (+ bn + relu), downsample (+ bn), conv3 (prologue + bn + residual + relu).
-                            conv1x1_forward(x, w, None, stride, prologue, eval_norm=eval_norm, eval_eps=1e-5,
-                                            residual=dy if prologue is not None else None, relu=stride == 1,
-                                            allow_tf32=tf32, target=target)
-                    yield from rec.launches
 
 
 # ---------------------------------------------------------------------------- autotune, opt-in only
