@@ -21,7 +21,7 @@ Ops underneath, each a ``torch.library`` custom op with a fake implementation:
 ``fused_resnet::conv1x1_bn_eval`` (inference only), ``fused_resnet::batch_stats`` and
 ``fused_resnet::bn_add_relu_with_stats`` (whose backward is ``bn_add_relu_backward``).
 ``conv1x1`` / ``batch_stats`` / ``bn_add_relu_with_stats`` are the pieces the
-Bottleneck in ``nn/conv_bottleneck.py`` is built from.
+Bottleneck in ``nn/blocks.py`` (FusedConvBottleneck) is built from.
 """
 from __future__ import annotations
 

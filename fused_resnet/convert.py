@@ -410,9 +410,10 @@ def _depths(graph: fx.Graph) -> Dict[fx.Node, int]:
 class _Converter:
     """One conversion: the model, the report, what the traces saw, and what was fused."""
 
-    def __init__(self, model: nn.Module, report: ConversionReport):
+    def __init__(self, model: nn.Module, report: ConversionReport, fuse_convolutions: bool = False):
         self.root = model
         self.report = report
+        self.fuse_convolutions = fuse_convolutions
         self._kinds: Dict[int, Tuple[nn.Module, Optional[str]]] = {}
         self.fused: Set[int] = set()
         self.reported: Set[int] = set()
@@ -560,6 +561,13 @@ class _Converter:
         shortcut = getattr(fused, twin.shortcut_name)
         how = ("shortcut BatchNorm fused" if is_conv_bn_shortcut(shortcut)
                else "identity shortcut" if shortcut is None else f"shortcut '{twin.shortcut_name}'")
+        if self.fuse_convolutions and twin is FusedBottleneck:
+            if _has_sync_batchnorm(fused):
+                how += "; 1x1-convolution GEMMs not used: SyncBatchNorm stays on this path"
+            else:
+                fused = FusedBottleneck.from_block(module, verify=False, fuse_convolutions=True)
+                twin = type(fused)
+                how += "; 1x1-convolution GEMMs on channels_last Triton inputs, NCHW and the CPU path run FusedBottleneck's"
         self.report.add(name, "replaced", f"{type(module).__name__} -> {twin.__name__} ({how})")
         return fused
 
@@ -992,13 +1000,24 @@ class _Converter:
                                     f"{type(module).__name__} left as it is: {reason}")
 
 
-def convert(model: nn.Module, *, inplace: bool = True, verbose: bool = False) -> nn.Module:
+def _has_sync_batchnorm(block: nn.Module) -> bool:
+    """Whether a norm in ``block`` is a SyncBatchNorm (fused or not): the GEMM path has no cross-process statistics."""
+    from .nn.sync_batchnorm import _SyncMixin  # here: keeps convert's import graph as it was
+    return any(isinstance(m, (nn.SyncBatchNorm, _SyncMixin)) for m in block.modules())
+
+
+def convert(model: nn.Module, *, inplace: bool = True, verbose: bool = False,
+            fuse_convolutions: bool = False) -> nn.Module:
     """Swaps ``model``'s residual blocks and BatchNorm / add / ReLU tails for fused modules.
 
     Args:
         model: any ``nn.Module`` (a torchvision / timm / transformers / hand-written ResNet).
         inplace: convert ``model`` itself (default) or a deep copy of it.
         verbose: print the conversion report.
+        fuse_convolutions: Bottleneck blocks become ``FusedConvBottleneck`` (conv1, conv3 and
+            the downsample as Triton GEMMs with BatchNorm fused in; off by default until GPU
+            figures show it faster). NCHW inputs and the CPU path run ``FusedBottleneck``'s
+            path; blocks with SyncBatchNorm stay ``FusedBottleneck`` (the report says so).
 
     Returns:
         The converted model: ``model`` itself, except when the root module's own forward
@@ -1013,10 +1032,12 @@ def convert(model: nn.Module, *, inplace: bool = True, verbose: bool = False) ->
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(fuse_convolutions, bool):
+        raise TypeError(f"fuse_convolutions must be a bool, got {type(fuse_convolutions).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    converted = _Converter(model, report).run()
+    converted = _Converter(model, report, fuse_convolutions).run()
     setattr(converted, REPORT_ATTRIBUTE, report)
     if verbose:
         print(report)

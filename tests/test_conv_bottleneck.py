@@ -17,9 +17,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from fused_resnet import backend
-from fused_resnet.nn.blocks import FusedBottleneck
-from fused_resnet.nn.conv_bottleneck import FusedConvBottleneck
-from reference import DEVICE
+from fused_resnet.nn.blocks import FusedBottleneck, FusedConvBottleneck
+from reference import DEVICE, saved_bytes
 from test_conv1x1_bn import bf16_casts_round_to_nearest, check
 
 N, C_IN, PLANES, HW = 2, 20, 6, 6
@@ -152,20 +151,6 @@ def test_same_modules_state_dict_and_torchvision_round_trip():
     fresh.load_state_dict(fused.state_dict())
     built = FusedConvBottleneck(C_IN, PLANES, stride=2, downsample=copy.deepcopy(block.downsample))
     built.load_state_dict(block.state_dict())
-
-
-def saved_bytes(block, x):
-    """Bytes of the distinct tensors autograd saves in one training forward of ``block``."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x)
-    return sum(seen.values())
 
 
 @pytest.mark.both

@@ -554,7 +554,7 @@ def audit_conv_bottleneck(inplanes: int = 64, planes: int = 64, shape_hw: int = 
     from torch import nn
     from torchvision.models.resnet import Bottleneck
 
-    from fused_resnet.nn.conv_bottleneck import FusedConvBottleneck
+    from fused_resnet.nn.blocks import FusedConvBottleneck
 
     for name, value in (("inplanes", inplanes), ("planes", planes), ("shape_hw", shape_hw), ("batch", batch)):
         if not isinstance(value, int) or value < 1:

@@ -74,13 +74,14 @@ def torchvision_resnet(name: str, seed: int = 0) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None)
 
 
-def convert_model(model: nn.Module) -> nn.Module:
-    """The fused model: ``fused_resnet.convert.convert`` on a copy of ``model``."""
+def convert_model(model: nn.Module, fuse_convolutions: bool = False) -> nn.Module:
+    """The fused model: ``fused_resnet.convert.convert`` on a copy of ``model``; with
+    ``fuse_convolutions`` its Bottlenecks' 1x1 convolutions are the Triton GEMMs too."""
     try:
         from fused_resnet.convert import convert
     except ImportError as exc:
         raise MissingDependency(f"fused_resnet.convert is not available ({exc})") from exc
-    return convert(copy.deepcopy(model), inplace=True)
+    return convert(copy.deepcopy(model), inplace=True, fuse_convolutions=fuse_convolutions)
 
 
 def stage_module(model: nn.Module, stage: str) -> nn.Module:

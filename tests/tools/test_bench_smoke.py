@@ -143,7 +143,7 @@ def test_conv1x1_cudnn_steps_run_on_the_cpu(pass_):
 
 
 def test_fused_conv_variant_converts_bottlenecks_and_computes_what_fused_does():
-    from fused_resnet.nn.conv_bottleneck import FusedConvBottleneck
+    from fused_resnet.nn.blocks import FusedConvBottleneck
 
     cache = bench.ModelCache(torch.device("cpu"))
     fused_conv = cache.model("resnet50", "fused_conv", "float32", "channels_last").eval()
