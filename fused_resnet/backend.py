@@ -43,7 +43,8 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     if INTERPRET and t.device.type == "cpu":
-        problem = interpreter_incompatibility()
+        # Checked in eager calls only: Dynamo cannot trace the version comparison (a str subclass).
+        problem = None if torch.compiler.is_compiling() else interpreter_incompatibility()
         if problem:
             raise RuntimeError(problem)
         return True
