@@ -61,7 +61,8 @@ from torch import Tensor, nn
 
 from .add_relu import add_relu
 from .nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, has_hooks, plain_batchnorm, residual_matches
-from .nn.blocks import FusedBasicBlock, FusedBottleneck, FusedResidual, _FusedResidualBlock, is_conv_bn_shortcut
+from .nn.blocks import (FusedBasicBlock, FusedBottleneck, FusedConvBottleneck, FusedResidual, _FusedResidualBlock,
+                        is_conv_bn_shortcut)
 from .nn.matching import (BlockMatch, ChildrenAreLeaves, InplaceRecordingProxy, Traced, add_operands, describe,
                           first_line, has_add, is_inplace_add, is_inplace_call, is_plain_identity,
                           match_residual_block, relu_input, runs_its_class_forward, single_input, submodule,
@@ -555,20 +556,20 @@ class _Converter:
         twin = self.twin_for(module, match)
         if twin is None:
             return None
+        gemm_note = ""
+        if self.fuse_convolutions and twin is FusedBottleneck:
+            if _has_sync_batchnorm(module):
+                gemm_note = "; 1x1-convolution GEMMs not used: SyncBatchNorm stays on this path"
+            else:
+                twin = FusedConvBottleneck
+                gemm_note = "; 1x1-convolution GEMMs on channels_last Triton inputs, NCHW and the CPU path run FusedBottleneck's"
         fused = twin.from_block(module, verify=False)
         if list(fused.state_dict().keys()) != list(module.state_dict().keys()):
             return None
         shortcut = getattr(fused, twin.shortcut_name)
         how = ("shortcut BatchNorm fused" if is_conv_bn_shortcut(shortcut)
                else "identity shortcut" if shortcut is None else f"shortcut '{twin.shortcut_name}'")
-        if self.fuse_convolutions and twin is FusedBottleneck:
-            if _has_sync_batchnorm(fused):
-                how += "; 1x1-convolution GEMMs not used: SyncBatchNorm stays on this path"
-            else:
-                fused = FusedBottleneck.from_block(module, verify=False, fuse_convolutions=True)
-                twin = type(fused)
-                how += "; 1x1-convolution GEMMs on channels_last Triton inputs, NCHW and the CPU path run FusedBottleneck's"
-        self.report.add(name, "replaced", f"{type(module).__name__} -> {twin.__name__} ({how})")
+        self.report.add(name, "replaced", f"{type(module).__name__} -> {twin.__name__} ({how}{gemm_note})")
         return fused
 
     @staticmethod

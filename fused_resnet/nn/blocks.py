@@ -288,7 +288,7 @@ class FusedBottleneck(_FusedResidualBlock):
         target = cls
         if fuse_convolutions and not issubclass(cls, FusedConvBottleneck):
             target = FusedConvBottleneck
-        return super(FusedBottleneck, target).from_block.__func__(target, block, verify=verify)
+        return super(FusedBottleneck, target).from_block(block, verify=verify)
 
 
 class FusedResidual(_FusedResidualBlock):
