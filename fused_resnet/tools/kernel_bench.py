@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .common import (CPU_NOTE, activation_bytes, bn_tails, eager_tail, format_figure, fused_design_traffic,
+from .common import (CPU_NOTE, DTYPES, activation_bytes, bn_tails, eager_tail, format_figure, fused_design_traffic,
                      fused_tail, peak_bandwidth, progress, render_table, tail_case, time_step)
 
 KERNEL_OPS = ("bn_relu", "bn_add_relu")
@@ -176,15 +176,11 @@ def conv1x1_work(shape: Sequence[int], batch: int, pass_: str, dtype: str) -> tu
     write of the result (per-channel vectors and fp32 partials left out)."""
     C_in, H, W, C_out, stride = shape
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-    M, size = batch * Ho * Wo, torch.empty((), dtype=_dtype(dtype)).element_size()
+    M, size = batch * Ho * Wo, torch.empty((), dtype=DTYPES[dtype]).element_size()
     weight, a, y = C_in * C_out, M * C_in, M * C_out
     dx = batch * H * W * C_in  # dgrad writes the whole input, zeros where a stride skips
     elements = {"dgrad": y + weight + dx, "wgrad": y + a + weight}.get(pass_, a + weight + y)
     return 2 * M * C_in * C_out, elements * size
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: str, device: torch.device,
@@ -200,7 +196,7 @@ def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: st
     if pass_ not in CONV1X1_PASSES:
         raise ValueError(f"unknown pass '{pass_}'; choose from {', '.join(CONV1X1_PASSES)}")
     C_in, H, W, C_out, stride = shape
-    device, torch_dtype = torch.device(device), _dtype(dtype)
+    device, torch_dtype = torch.device(device), DTYPES[dtype]
     g = torch.Generator().manual_seed(seed)
     Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
 
