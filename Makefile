@@ -10,7 +10,7 @@ OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
 OLDEST_CONSTRAINTS := constraints/oldest.txt
 
-.PHONY: install install-oldest test test-oldest test-zoo test-aot test-fast test-interpreter demo gpu bench clean
+.PHONY: install install-oldest test test-oldest suite-torch suite-interpreter test-zoo test-aot test-fast test-interpreter demo gpu bench clean
 
 # $(1): the virtual environment, $(2): its constraints file.
 define make_venv
@@ -21,15 +21,23 @@ define make_venv
 	touch $(1)/.installed-stamp
 endef
 
-# $(1): the virtual environment. `make gpu SMOKE=1` (every phase at toy sizes, its
-# files checked by tests/tools/test_gpu.py), the PyTorch-path and AOT-compile tests, then
-# the Triton kernels through the interpreter in their own process (TRITON_INTERPRET must
-# be set before import).
+# $(1): the virtual environment. Two chains run side by side (the 2-core machine would
+# otherwise idle one core through the single-threaded interpreter run), each one's output
+# printed whole when it ends: `make gpu SMOKE=1` (every phase at toy sizes, its files
+# checked by tests/tools/test_gpu.py) then the PyTorch-path and AOT-compile tests; and the
+# Triton kernels through the interpreter in their own process (TRITON_INTERPRET must be
+# set before import).
 define run_suite
-	$(MAKE) --no-print-directory gpu SMOKE=1 PYTHON=$(1)/bin/python OUT=$(1)/gpu-smoke
-	FUSED_RESNET_GPU_SMOKE_OUT=$(1)/gpu-smoke $(1)/bin/python -m pytest -q -m "not interpreter and not zoo" tests
-	TRITON_INTERPRET=1 $(1)/bin/python -m pytest -q -m "(interpreter or both) and not zoo" tests
+	$(MAKE) --no-print-directory -j2 --output-sync=target suite-torch suite-interpreter SUITE_VENV=$(1)
 endef
+
+SUITE_VENV ?= $(VENV)
+suite-torch:
+	$(MAKE) --no-print-directory gpu SMOKE=1 PYTHON=$(SUITE_VENV)/bin/python OUT=$(SUITE_VENV)/gpu-smoke
+	FUSED_RESNET_GPU_SMOKE_OUT=$(SUITE_VENV)/gpu-smoke $(SUITE_VENV)/bin/python -m pytest -q -m "not interpreter and not zoo" tests
+
+suite-interpreter:
+	TRITON_INTERPRET=1 $(SUITE_VENV)/bin/python -m pytest -q -m "(interpreter or both) and not zoo" tests
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(call make_venv,$(VENV),$(CONSTRAINTS))
@@ -50,10 +58,10 @@ test-oldest: $(OLDEST_STAMP)
 	$(call run_suite,$(OLDEST_VENV))
 
 # convert() over the whole model zoo (timm, torchvision, transformers): parity and the
-# count of tails left unfused; make test runs a representative subset.
+# count of tails left unfused; make test runs a representative subset (tests marked zoo).
 test-zoo: $(STAMP)
-	$(BIN)/python -m pytest -q -m "zoo and not interpreter" tests/test_convert_zoo.py
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "zoo and (interpreter or both)" tests/test_convert_zoo.py
+	$(BIN)/python -m pytest -q -m "zoo and not interpreter" tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "zoo and (interpreter or both)" tests
 
 # The AOT compile test over other configurations than make test's quick set: AOT=conv1x1
 # (the 1x1-convolution GEMMs; CI runs it), modules or every; see the README for times.

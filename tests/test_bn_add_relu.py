@@ -122,6 +122,10 @@ def check_steps(op, shape, dtype, channels_last, training, momentum=0.1, steps=3
 def test_parity_with_float64_reference(op, shape, dtype, channels_last, training):
     if backend.INTERPRET and shape != SHAPES[0] and dtype != torch.float32:
         pytest.skip("interpreter time: the low-precision dtypes run on the first shape only")
+    if backend.INTERPRET and shape == SHAPES[2] and not channels_last:
+        # NCHW gives it 35 two-channel tiles (a minute in the interpreter); channels_last covers
+        # the two finalize blocks, 2x3x7x7 NCHW the masked channel tiles and several partials.
+        pytest.skip("interpreter time: C=70 runs in channels_last")
     check_steps(op, shape, dtype, channels_last, training)
 
 

@@ -37,7 +37,9 @@ from seed_blocks import (
     resnet18,
 )
 
-TORCHVISION_MODELS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
+TORCHVISION_MODELS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d",
+                      # the same Bottleneck as resnet50 at twice the width: make test-zoo's (half a minute)
+                      pytest.param("wide_resnet50_2", marks=pytest.mark.zoo)]
 # Blocks per model: (replaced blocks, blocks with a downsample).
 BLOCK_COUNTS = {"resnet18": (8, 3), "resnet34": (16, 3), "resnet50": (16, 4), "resnext50_32x4d": (16, 4),
                 "wide_resnet50_2": (16, 4)}
