@@ -52,6 +52,9 @@ TARGETS = {
     "gfx942": GPUTarget("hip", "gfx942", 64),
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The most shared memory one block may ask for on each target (CUDA's opt-in maximum per
+# block: A100 163 KiB, H100/H200 227 KiB; MI300X's LDS: 64 KiB).
+SHARED_MEMORY_LIMITS = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024, "gfx942": 64 * 1024}
 
 
 @dataclass
@@ -415,7 +418,8 @@ def _measure(compiled) -> dict:
         fields = dict(re.findall(r"(\w+):(\d+)", out.split("Function", 1)[-1]))
         stack, local = int(fields["STACK"]), int(fields["LOCAL"])
         return {"registers": int(fields["REG"]), "spills": stack + local, "stack_bytes": stack,
-                "local_bytes": local, "shared_bytes": int(fields["SHARED"])}
+                "local_bytes": local, "shared_bytes": compiled.metadata.shared,
+                "static_shared_bytes": int(fields["SHARED"])}
     text = asm["amdgcn"]
 
     def first(pattern):
@@ -425,10 +429,11 @@ def _measure(compiled) -> dict:
     scratch = first(r"\.private_segment_fixed_size:\s+(\d+)")
     return {"registers": first(r"\.vgpr_count:\s+(\d+)"),
             "spills": first(r"\.vgpr_spill_count:\s+(\d+)") + first(r"\.sgpr_spill_count:\s+(\d+)") + scratch,
-            "stack_bytes": scratch, "local_bytes": 0, "shared_bytes": first(r"\.group_segment_fixed_size:\s+(\d+)")}
+            "stack_bytes": scratch, "local_bytes": 0, "shared_bytes": compiled.metadata.shared,
+            "static_shared_bytes": first(r"\.group_segment_fixed_size:\s+(\d+)")}
 
 
-_USAGE_FILE = "fused_resnet_resource_usage.json"
+_USAGE_FILE = "fused_resnet_resource_usage_v2.json"  # v2: shared_bytes is what the launch asks for
 
 
 def resource_usage(compiled) -> dict:
@@ -439,6 +444,9 @@ def resource_usage(compiled) -> dict:
     memory of ``cuobjdump --dump-resource-usage`` (ptxas -v's "bytes stack frame"; these
     kernels call no function and have no local array, so both hold only spilled registers).
     AMD: .vgpr_spill_count + .sgpr_spill_count + the private (scratch) segment.
+    ``shared_bytes`` is the shared memory (LDS) the launch asks for (Triton's
+    ``metadata.shared``, what ``SHARED_MEMORY_LIMITS`` bounds); ``static_shared_bytes`` what
+    the binary declares itself (sm_90a: 1 KiB the driver reserves, whatever the kernel).
     """
     from triton.runtime.cache import get_cache_manager
 

@@ -1,5 +1,6 @@
 """Every kernel, specialised as the ops launch it at real ResNet shapes, compiles for NVIDIA
-sm_80 and sm_90a and AMD gfx942, on this GPU-less machine, without a register spill.
+sm_80 and sm_90a and AMD gfx942, on this GPU-less machine, without a register spill and
+within each target's shared memory per block.
 
 The shapes: the input of every BatchNorm and every 1x1 convolution of torchvision's
 ResNets (built on the meta device) at 224x224, batch 1 to 256, NCHW and channels_last
@@ -157,7 +158,7 @@ def _write_report(target_name: str, entry: dict) -> None:
 
 @pytest.mark.parametrize("target_name", ["sm_80", "sm_90a", "gfx942"])
 def test_compiles_without_spills(shapes, pool, target_name, capsys):
-    from fused_resnet.kernels.aot import TARGETS, compile_all, unique_launches, usage_table
+    from fused_resnet.kernels.aot import SHARED_MEMORY_LIMITS, TARGETS, compile_all, unique_launches, usage_table
 
     target = TARGETS[target_name]
     unique = unique_launches(launches_on(shapes, target_name), target)
@@ -173,3 +174,7 @@ def test_compiles_without_spills(shapes, pool, target_name, capsys):
                                 "kernels": table})
     spills = [f"{launch.describe()}: {usage}" for launch, usage in results if usage["spills"]]
     assert not spills, "register spills:\n" + "\n".join(spills)
+    limit = SHARED_MEMORY_LIMITS[target_name]
+    over = [f"{launch.describe()}: {usage['shared_bytes']} B" for launch, usage in results
+            if usage["shared_bytes"] > limit]
+    assert not over, f"over {target_name}'s {limit} B of shared memory per block:\n" + "\n".join(over)
