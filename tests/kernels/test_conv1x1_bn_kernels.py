@@ -132,14 +132,13 @@ def test_empty_batch():
 
 def test_tile_rule_is_deterministic_and_fits_shared_memory():
     """The rule's tiles per target: powers of two in [16, 128], the stages' shared memory
-    within each target's limit (228 KiB sm_90, 164 KiB sm_80, 64 KiB gfx942)."""
-    from triton.backends.compiler import GPUTarget
-
+    within each target's per-block limit (aot.SHARED_MEMORY_LIMITS: 227 KiB sm_90a, 163 KiB
+    sm_80, 64 KiB gfx942)."""
+    from fused_resnet.kernels.aot import SHARED_MEMORY_LIMITS, TARGETS
     from fused_resnet.kernels.conv1x1_bn import gemm_tiles
 
-    limits = {GPUTarget("cuda", 90, 32): 228 * 1024, GPUTarget("cuda", 80, 32): 164 * 1024,
-              GPUTarget("hip", "gfx942", 64): 64 * 1024}
-    for target, limit in limits.items():
+    for name, limit in SHARED_MEMORY_LIMITS.items():
+        target = TARGETS[name]
         for dtype in (torch.float32, torch.bfloat16):
             for M, N, K in ((802816, 64, 256), (12544, 2048, 512), (50, 23, 20)):
                 t = gemm_tiles(M, N, K, dtype, target)
