@@ -126,8 +126,9 @@ def relu_grad(dy, y, x, r, mean, scale, shift, r_mean, r_scale, r_shift,
     return tl.where(y <= 0.0, 0.0, dy)
 
 
-# rows_per_program unspecialised: as a constant 1 next to spans_per_image == 1 it made ptxas spill on sm_80.
-@triton.jit(do_not_specialize=["rows_per_program"])
+# Unspecialised as in bn_stats_partial_kernel; rows_per_program also because, as a constant 1
+# next to spans_per_image == 1, it made ptxas spill on sm_80.
+@triton.jit(do_not_specialize=["N", "rows_per_program", "spans_per_image"])
 def bn_add_relu_backward_reduce_kernel(
     dy_ptr, y_ptr, x_ptr, r_ptr, g_ptr, partial_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
@@ -184,7 +185,7 @@ def bn_add_relu_backward_reduce_kernel(
         tl.store(out + 2 * C, tl.sum(acc_gr, axis=0), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials"])  # a loop bound, as in bn_stats_finalize_kernel
 def bn_add_relu_backward_finalize_kernel(
     partial_ptr, sums_ptr, invstd_ptr, dw_ptr, db_ptr, r_invstd_ptr, r_dw_ptr, r_db_ptr,
     C, num_partials,

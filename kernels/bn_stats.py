@@ -37,7 +37,9 @@ def row_tile_offsets(row, hw_start, hw, c, HW, stride_n, stride_c, stride_hw, sp
     return offsets, pix < HW
 
 
-@triton.jit
+# Loop counts and the batch only bound loops and a scalar row mask: specialising them
+# (== 1, divisible by 16) would multiply the binaries a model JIT-compiles for nothing.
+@triton.jit(do_not_specialize=["N", "rows_per_program", "spans_per_image"])
 def bn_stats_partial_kernel(
     x_ptr, partial_ptr,
     N, C, HW, stride_n, stride_c, stride_hw,
@@ -72,7 +74,7 @@ def bn_stats_partial_kernel(
     tl.store(out + C, tl.sum(acc_sq, axis=0), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials"])  # a loop bound: nothing to gain from specialising it
 def bn_stats_finalize_kernel(
     partial_ptr, x_ptr, mean_ptr, invstd_ptr, var_ptr,
     running_mean_ptr, running_var_ptr, num_batches_tracked_ptr,
