@@ -37,6 +37,7 @@ from .bn_add_relu import _momentum_factor, bn_add_relu, bn_relu
 from .kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE, ChannelNorm, bn_add_relu_forward, bn_stats, layout_of
 from .kernels.conv1x1_bn import (
     conv1x1_dgrad,
+    conv1x1_dgrad_wgrad,
     conv1x1_forward,
     conv1x1_prologue_backward,
     conv1x1_stats_finalize,
@@ -149,16 +150,21 @@ def conv1x1_backward_op(
     prologue = _norm(p_mean, p_invstd, p_weight, p_bias)
     dx = dw = db = dpw = dpb = None
     need_pw, need_pb = need_pw and prologue is not None, need_pb and prologue is not None
-    if need_x or need_pw or need_pb:
+    need_dgrad, need_wgrad = need_x or need_pw or need_pb, need_w or (need_b and has_bias)
+    if need_dgrad and need_wgrad:
+        g, partials, (dw, db), _ = conv1x1_dgrad_wgrad(dy, weight, x, stride, prologue,
+                                                       bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
+    elif need_dgrad:
         g, partials = conv1x1_dgrad(dy, weight, x, stride, prologue, allow_tf32=allow_tf32)
+    elif need_wgrad:
+        dw, db = conv1x1_wgrad(dy, x, weight, stride, prologue, bias_grad=need_b and has_bias,
+                               allow_tf32=allow_tf32)
+    if need_dgrad:
         if prologue is None:
             dx = g
         else:
             dx, dpw, dpb = conv1x1_prologue_backward(g, partials, x, prologue, p_training, need_pw, need_pb,
                                                      need_input=need_x)
-    if need_w or (need_b and has_bias):
-        dw, db = conv1x1_wgrad(dy, x, weight, stride, prologue, bias_grad=need_b and has_bias,
-                               allow_tf32=allow_tf32)
     return (_grad_or_empty(dx if need_x else None, x), _grad_or_empty(dw if need_w else None, x),
             _grad_or_empty(db, x), _grad_or_empty(dpw, x), _grad_or_empty(dpb, x))
 
@@ -198,16 +204,22 @@ def conv1x1_pair_backward_op(
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
     x, dy, dy2 = _nhwc(x), _nhwc(dy), _nhwc(dy2)
     dx = dw = db = dw2 = db2 = None
-    if need_x:
-        if stride2 == 1:
+    need_wgrad, need_wgrad2 = need_w or (need_b and has_bias), need_w2 or (need_b2 and has_bias2)
+    if need_x and need_wgrad and need_wgrad2 and stride2 == 1:
+        dx, _, (dw, db), (dw2, db2) = conv1x1_dgrad_wgrad(
+            dy, weight, x, 1, second=(dy2, weight2), bias_grad=need_b and has_bias,
+            bias_grad2=need_b2 and has_bias2, allow_tf32=allow_tf32)
+    else:
+        if need_x and stride2 == 1:
             dx, _ = conv1x1_dgrad(dy, weight, x, 1, second=(dy2, weight2), allow_tf32=allow_tf32)
-        else:
+        elif need_x:
             dx2, _ = conv1x1_dgrad(dy2, weight2, x, stride2, allow_tf32=allow_tf32)
             dx, _ = conv1x1_dgrad(dy, weight, x, 1, add=dx2, allow_tf32=allow_tf32)
-    if need_w or (need_b and has_bias):
-        dw, db = conv1x1_wgrad(dy, x, weight, 1, bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
-    if need_w2 or (need_b2 and has_bias2):
-        dw2, db2 = conv1x1_wgrad(dy2, x, weight2, stride2, bias_grad=need_b2 and has_bias2, allow_tf32=allow_tf32)
+        if need_wgrad:
+            dw, db = conv1x1_wgrad(dy, x, weight, 1, bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
+        if need_wgrad2:
+            dw2, db2 = conv1x1_wgrad(dy2, x, weight2, stride2, bias_grad=need_b2 and has_bias2,
+                                     allow_tf32=allow_tf32)
     return (_grad_or_empty(dx, x), _grad_or_empty(dw if need_w else None, x), _grad_or_empty(db, x),
             _grad_or_empty(dw2 if need_w2 else None, x), _grad_or_empty(db2, x))
 

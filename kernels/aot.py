@@ -285,12 +285,14 @@ def conv1x1_launches(shapes: RealShapes, every: bool, target: GPUTarget) -> Iter
     tiles depend on it), at each batch size (M = N * H * W moves tiles and splits): in
     training the forward with statistics (conv1, downsample) or prologue + statistics
     (conv3), their dgrad (conv1's also with the downsample's gradient added or in its
-    reduction) / wgrad and finalize passes; in eval the folded-BatchNorm epilogues (conv1
-    with ReLU, downsample without, conv3 with the prologue, residual and ReLU). fp32 with
-    TF32 on (cuDNN's default) and, with ``every``, off."""
+    reduction) / wgrad and finalize passes, and both gradients in one pass
+    (``conv1x1_dgrad_wgrad``; conv1's with its downsample's, 4x its channels, where that
+    fits); in eval the folded-BatchNorm epilogues (conv1 with ReLU, downsample without,
+    conv3 with the prologue, residual and ReLU). fp32 with TF32 on (cuDNN's default) and,
+    with ``every``, off."""
     from .bn_add_relu import ChannelNorm
-    from .conv1x1_bn import (conv1x1_dgrad, conv1x1_forward, conv1x1_prologue_backward, conv1x1_stats_finalize,
-                             conv1x1_wgrad)
+    from .conv1x1_bn import (conv1x1_dgrad, conv1x1_dgrad_wgrad, conv1x1_forward, conv1x1_prologue_backward,
+                             conv1x1_stats_finalize, conv1x1_wgrad)
 
     def meta(*shape, dtype, nhwc=True):
         t = torch.empty(shape, dtype=dtype, device="meta")
@@ -321,12 +323,19 @@ def conv1x1_launches(shapes: RealShapes, every: bool, target: GPUTarget) -> Iter
                             g, sums = conv1x1_dgrad(dy, w, x, stride, prologue, allow_tf32=tf32, target=target)
                             if prologue is None and stride == 1:
                                 # conv1 of a block with a downsample: x's gradient with the
-                                # downsample's added (stride 2) or in the same GEMM (stride 1).
+                                # downsample's added (stride 2) or in the same GEMM (stride 1),
+                                # with both weights' gradients where one pass fits (the
+                                # downsample has 4x conv1's channels).
                                 conv1x1_dgrad(dy, w, x, 1, add=x, allow_tf32=tf32, target=target)
                                 conv1x1_dgrad(dy, w, x, 1, second=(dy, w), allow_tf32=tf32, target=target)
+                                wide = (meta(N, 4 * C_out, Ho, Wo, dtype=dtype), meta(4 * C_out, C_in, 1, 1,
+                                                                                     dtype=dtype, nhwc=False))
+                                conv1x1_dgrad_wgrad(dy, w, x, 1, second=wide, allow_tf32=tf32, target=target)
                             if prologue is not None:
                                 conv1x1_prologue_backward(g, sums, x, prologue, True, True, True)
                             conv1x1_wgrad(dy, x, w, stride, prologue, allow_tf32=tf32, target=target)
+                            # Both gradients, as a block's training backward asks: one pass where it fits.
+                            conv1x1_dgrad_wgrad(dy, w, x, stride, prologue, allow_tf32=tf32, target=target)
                             # Eval: conv1 (+ bn + relu), downsample (+ bn), conv3 (prologue + bn + residual + relu).
                             conv1x1_forward(x, w, None, stride, prologue, eval_norm=eval_norm, eval_eps=1e-5,
                                             residual=dy if prologue is not None else None, relu=stride == 1,
@@ -406,9 +415,25 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+# The matrix instructions a tl.dot lowers to on the tensor cores (Hopper's asynchronous
+# warpgroup MMA, Ampere's warp MMA, CDNA's MFMA); a dot that misses them ran on the FMA units.
+TENSOR_CORE_INSTRUCTIONS = {"ptx": ("wgmma.mma_async", "mma.sync"), "amdgcn": ("v_mfma",)}
+
+
+def tensor_core_instructions(asm: dict) -> int:
+    """How many tensor-core matrix instructions the kernel's PTX / AMDGCN holds."""
+    text_key = "ptx" if "ptx" in asm else "amdgcn"
+    text = asm[text_key]
+    return sum(text.count(op) for op in TENSOR_CORE_INSTRUCTIONS[text_key])
+
+
 def _measure(compiled) -> dict:
-    """Registers, spills and the binary's own (static) shared memory."""
+    """Registers, spills, the binary's own (static) shared memory and its tensor-core instructions."""
     asm = compiled.asm
+    return _registers_and_spills(asm) | {"tensor_core_instructions": tensor_core_instructions(asm)}
+
+
+def _registers_and_spills(asm: dict) -> dict:
     if "cubin" in asm:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "kernel.cubin")
@@ -432,7 +457,8 @@ def _measure(compiled) -> dict:
             "stack_bytes": scratch, "local_bytes": 0, "static_shared_bytes": first(r"\.group_segment_fixed_size:\s+(\d+)")}
 
 
-_USAGE_FILE = "fused_resnet_resource_usage_v2.json"  # v2: shared_bytes is what the launch asks for
+# v2: shared_bytes is what the launch asks for; v3: tensor_core_instructions
+_USAGE_FILE = "fused_resnet_resource_usage_v3.json"
 
 
 def resource_usage(compiled) -> dict:
@@ -446,6 +472,7 @@ def resource_usage(compiled) -> dict:
     ``shared_bytes`` is the shared memory (LDS) the launch asks for (Triton's
     ``metadata.shared``, what ``SHARED_MEMORY_LIMITS`` bounds); ``static_shared_bytes`` what
     the binary declares itself (sm_90a: 1 KiB the driver reserves, whatever the kernel).
+    ``tensor_core_instructions``: :func:`tensor_core_instructions` of its assembly.
     """
     from triton.runtime.cache import get_cache_manager
 

@@ -36,8 +36,9 @@ Tiles come from ``gemm_tiles``, a deterministic rule of the shape, dtype and tar
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -238,6 +239,33 @@ def conv1x1_stats_merge_kernel(
 
 
 @triton.jit
+def dgrad_store(acc, x, offsets, mask, k, k_mask, partial_row_ptr, out_ptr, add_ptr,
+                p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, K,
+                PROLOGUE: tl.constexpr, P_HAS_WEIGHT: tl.constexpr, P_HAS_BIAS: tl.constexpr, ADD: tl.constexpr,
+                INTERPRETER_BF16: tl.constexpr, X_DTYPE: tl.constexpr):
+    """The dgrad epilogue of one [rows, K] tile of dA = acc (fp32): + add, or with a
+    PROLOGUE (x: the tile of the prologue's input) g = dA past relu(bn(x)) and this tile's
+    row of partials (sum g, sum g * (x - mean)) at ``partial_row_ptr``; then stored."""
+    if ADD:
+        acc += tl.load(add_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if PROLOGUE:
+        x = x.to(tl.float32)
+        mean, scale, shift = channel_affine(k, k_mask, p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, 0.0,
+                                            False, P_HAS_WEIGHT, P_HAS_BIAS)
+        # dA as eager stores it (rounded), then its ReLU backward with the forward's own mask.
+        da = rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16).to(tl.float32)
+        g = relu_grad(da, 0.0, x, 0.0, mean[None, :], scale[None, :], shift[None, :],
+                      mean[None, :], scale[None, :], shift[None, :], True, False, X_DTYPE)
+        g = tl.where(mask, g, 0.0)
+        tl.store(out_ptr + offsets, g.to(out_ptr.dtype.element_ty), mask=mask)
+        # Partials in bn_add_relu's [num_partials, 3, K] layout (the third row is unused here).
+        tl.store(partial_row_ptr + k, tl.sum(g, axis=0), mask=k_mask)
+        tl.store(partial_row_ptr + K + k, tl.sum(tl.where(mask, g * (x - mean[None, :]), 0.0), axis=0), mask=k_mask)
+    else:
+        tl.store(out_ptr + offsets, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+
+
+@triton.jit
 def conv1x1_dgrad_kernel(
     dy_ptr, w_ptr, out_ptr, add_ptr, x_ptr, partial_ptr, dy2_ptr, w2_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -283,24 +311,12 @@ def conv1x1_dgrad_kernel(
 
     offsets = pixel_offsets(m, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, SAMPLED)[:, None] + k[None, :]
     mask = m_mask[:, None] & k_mask[None, :]
-    if ADD:
-        acc += tl.load(add_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    x = 0.0
     if PROLOGUE:
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean, scale, shift = channel_affine(k, k_mask, p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, 0.0,
-                                            False, P_HAS_WEIGHT, P_HAS_BIAS)
-        # dA as eager stores it (rounded), then its ReLU backward with the forward's own mask.
-        da = rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16).to(tl.float32)
-        g = relu_grad(da, 0.0, x, 0.0, mean[None, :], scale[None, :], shift[None, :],
-                      mean[None, :], scale[None, :], shift[None, :], True, False, x_ptr.dtype.element_ty)
-        g = tl.where(mask, g, 0.0)
-        tl.store(out_ptr + offsets, g.to(out_ptr.dtype.element_ty), mask=mask)
-        # Partials in bn_add_relu's [num_partials, 3, K] layout (the third row is unused here).
-        out = partial_ptr + pid_m.to(tl.int64) * 3 * K + k
-        tl.store(out, tl.sum(g, axis=0), mask=k_mask)
-        tl.store(out + K, tl.sum(tl.where(mask, g * (x - mean[None, :]), 0.0), axis=0), mask=k_mask)
-    else:
-        tl.store(out_ptr + offsets, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    dgrad_store(acc, x, offsets, mask, k, k_mask, partial_ptr + pid_m.to(tl.int64) * 3 * K, out_ptr, add_ptr,
+                p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, K,
+                PROLOGUE, P_HAS_WEIGHT, P_HAS_BIAS, ADD, INTERPRETER_BF16, x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -349,6 +365,88 @@ def conv1x1_wgrad_kernel(
     if BIAS_GRAD:
         if pid_k == 0:
             tl.store(bias_partial_ptr + pid_s.to(tl.int64) * N + n, acc_b, mask=n_mask)
+
+
+@triton.jit
+def conv1x1_dgrad_wgrad_kernel(
+    dy_ptr, w_ptr, x_ptr, out_ptr, partial_ptr, w_partial_ptr, b_partial_ptr,
+    dy2_ptr, w2_ptr, w2_partial_ptr, b2_partial_ptr,
+    p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
+    M, N, K, N2, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, stride_wn, stride_wk,
+    stride_w2n, stride_w2k, rows_per_split,
+    SAMPLED: tl.constexpr, PROLOGUE: tl.constexpr, P_HAS_WEIGHT: tl.constexpr, P_HAS_BIAS: tl.constexpr,
+    SECOND: tl.constexpr, BIAS_GRAD: tl.constexpr, BIAS_GRAD2: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETER_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Both gradients in one pass over dY, for a weight that fits one program (N <=
+    BLOCK_N, K <= BLOCK_K): each program takes rows_per_split rows and, for each BLOCK_M
+    of them, writes dA = dY x W with ``conv1x1_dgrad_kernel``'s epilogue and adds dY^T x A
+    (A = relu(bn(x)) with PROLOGUE, as in ``conv1x1_wgrad_kernel``) to its split's fp32
+    weight-gradient partials. SECOND: as in ``conv1x1_dgrad_kernel``, with the second
+    weight's gradient too. dY, x and dY2 are read once, where two passes read them twice."""
+    pid_s = tl.program_id(0)
+    n = tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    n2 = tl.arange(0, BLOCK_N2)
+    n2_mask = n2 < N2
+    k = tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    if PROLOGUE:
+        mean, scale, shift = channel_affine(k, k_mask, p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, 0.0,
+                                            False, P_HAS_WEIGHT, P_HAS_BIAS)
+    w_offsets = n.to(tl.int64)[:, None] * stride_wn + k[None, :] * stride_wk
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    w2_offsets = n2.to(tl.int64)[:, None] * stride_w2n + k[None, :] * stride_w2k
+    w2_mask = n2_mask[:, None] & k_mask[None, :]
+
+    acc_w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_w2 = tl.zeros([BLOCK_N2, BLOCK_K], dtype=tl.float32)
+    acc_b2 = tl.zeros([BLOCK_N2], dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    # Splits start on a BLOCK_M boundary: the row blocks are the dgrad kernel's tiles, and so are their partials.
+    partial_row_ptr = partial_ptr + pid_s.to(tl.int64) * (rows_per_split // BLOCK_M) * 3 * K
+    for m0 in range(m_start, m_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = m < m_end
+        dy = tl.load(dy_ptr + m.to(tl.int64)[:, None] * N + n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        offsets = pixel_offsets(m, HWo, Wo, row_stride, stride_xn, stride_xh, stride_xw, SAMPLED)[:, None] + k[None, :]
+        mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+        a = x
+        if PROLOGUE:
+            a = bn_relu_operand(x, mask, mean, scale, shift, x_ptr.dtype.element_ty, INTERPRETER_BF16)
+        # The weight is re-read for every row block: it stays in L1 / L2, and registers are short.
+        w = tl.load(w_ptr + w_offsets, mask=w_mask, other=0.0)
+        acc = mma(dy, w, tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), INPUT_PRECISION, INTERPRETER_BF16)
+        acc_w = mma(tl.trans(dy), a, acc_w, INPUT_PRECISION, INTERPRETER_BF16)
+        if BIAS_GRAD:
+            acc_b += tl.sum(dy.to(tl.float32), axis=0)
+        if SECOND:
+            dy2 = tl.load(dy2_ptr + m.to(tl.int64)[:, None] * N2 + n2[None, :],
+                          mask=m_mask[:, None] & n2_mask[None, :], other=0.0)
+            w2 = tl.load(w2_ptr + w2_offsets, mask=w2_mask, other=0.0)
+            acc = mma(dy2, w2, acc, INPUT_PRECISION, INTERPRETER_BF16)
+            acc_w2 = mma(tl.trans(dy2), a, acc_w2, INPUT_PRECISION, INTERPRETER_BF16)
+            if BIAS_GRAD2:
+                acc_b2 += tl.sum(dy2.to(tl.float32), axis=0)
+        dgrad_store(acc, x, offsets, mask, k, k_mask, partial_row_ptr, out_ptr, out_ptr,
+                    p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr, K,
+                    PROLOGUE, P_HAS_WEIGHT, P_HAS_BIAS, False, INTERPRETER_BF16, x_ptr.dtype.element_ty)
+        partial_row_ptr += 3 * K
+
+    out = w_partial_ptr + pid_s.to(tl.int64) * N * K + n.to(tl.int64)[:, None] * K + k[None, :]
+    tl.store(out, acc_w, mask=w_mask)
+    if BIAS_GRAD:
+        tl.store(b_partial_ptr + pid_s.to(tl.int64) * N + n, acc_b, mask=n_mask)
+    if SECOND:
+        out2 = w2_partial_ptr + pid_s.to(tl.int64) * N2 * K + n2.to(tl.int64)[:, None] * K + k[None, :]
+        tl.store(out2, acc_w2, mask=w2_mask)
+        if BIAS_GRAD2:
+            tl.store(b2_partial_ptr + pid_s.to(tl.int64) * N2 + n2, acc_b2, mask=n2_mask)
 
 
 @triton.jit
@@ -421,20 +519,127 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     return GemmTiles(block_m, block_n, block_k, 8, warps, 2)
 
 
-def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target) -> tuple[int, int]:
+def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target,
+                 programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """(num_splits, rows_per_split) of the weight gradient's reduction over M.
 
-    About TARGET_PROGRAMS programs in all, each split a whole number of BLOCK_M rows, and
+    About ``programs`` programs in all, each split a whole number of BLOCK_M rows, and
     on a GPU the fp32 partials (written and read once) at most 1/8 of the operands'
     bytes. The interpreter splits by rows alone, so small tests combine several splits.
     """
     out_tiles = triton.cdiv(N, tiles.block_n) * triton.cdiv(K, tiles.block_k)
-    by_programs = max(1, TARGET_PROGRAMS // out_tiles)
+    by_programs = max(1, programs // out_tiles)
     by_traffic = max(1, (M * (N + K) * size) // (64 * N * K)) if target is not None else by_programs
     by_rows = max(1, triton.cdiv(M, tiles.block_m))
     splits = min(by_programs, by_traffic, by_rows)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), tiles.block_m) * tiles.block_m
     return triton.cdiv(M, rows_per_split) if M > 0 else 1, rows_per_split
+
+
+# Programs of the one-pass backward: about two per SM of an A100 / H100; more would add
+# weight-gradient partials (each program's are the whole weight) for no more bandwidth.
+DGRAD_WGRAD_PROGRAMS = 256
+# The most weight-gradient accumulator elements (fp32) one of its programs holds: 80 a thread on eight warps.
+DGRAD_WGRAD_MAX_ACCUMULATORS = 320 * 64
+
+
+def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, precision: str = "ieee",
+                      prologue: bool = False) -> Optional[GemmTiles]:
+    """Tiles of ``conv1x1_dgrad_wgrad_kernel`` for C_out = N, C_in = K (and a second
+    convolution's C_out = N2, 0 for none), or None where one pass does not fit and the
+    backward takes two (``conv1x1_dgrad``, then ``conv1x1_wgrad``). A deterministic rule.
+
+    Every weight gradient sits whole in one program's accumulators: C_in <= 64, C_out
+    (each) <= 256, at most DGRAD_WGRAD_MAX_ACCUMULATORS in all (ResNet-50's layer1: conv3
+    64 -> 256; conv1 64 -> 64 with its downsample 64 -> 256). block_n is N's block
+    (N2's: ``dgrad_wgrad_block_n2``). Only on NVIDIA sm_90 and newer, with tensor cores
+    (not fp32 without TF32): ptxas spills these programs on sm_80 (up to 352 bytes) and
+    they spill and overflow the 64 KiB of LDS on gfx942 (AOT-compiled at ResNet-50's
+    shapes). Rows: 64 a block for 16-bit inputs on eight warps, two stages; fp32 (TF32) 32
+    rows, and 16 rows on sixteen warps, one stage, with a prologue (the only fp32 setting
+    without a spill next to a whole-row dY tile).
+    """
+    if K > 64 or N > 256 or N2 > 256:
+        return None
+    block_n, block_k = _pow2_between(N, 16, 256), _pow2_between(K, 16, 64)
+    if (block_n + (dgrad_wgrad_block_n2(N2) if N2 else 0)) * block_k > DGRAD_WGRAD_MAX_ACCUMULATORS:
+        return None
+    if target is None:
+        return GemmTiles(INTERPRETER_TILES.block_m, block_n, block_k, 1, 1, 1)
+    if target.backend != "cuda" or target.arch < 90 or (dtype == torch.float32 and precision == "ieee"):
+        return None
+    if torch.empty((), dtype=dtype).element_size() == 2:
+        return GemmTiles(64, block_n, block_k, 1, 8, 2)
+    if prologue:
+        return GemmTiles(16, block_n, block_k, 1, 16, 1)
+    return GemmTiles(32, block_n, block_k, 1, 8, 2)
+
+
+def dgrad_wgrad_block_n2(N2: int) -> int:
+    return _pow2_between(N2, 16, 256)
+
+
+def wgrad_plan(M: int, N: int, K: int, dtype: torch.dtype, target, precision: str = "ieee",
+               prologue: bool = False) -> tuple[GemmTiles, int, int]:
+    """(tiles, num_splits, rows_per_split) of ``conv1x1_wgrad`` for C_out = N, C_in = K
+    over M rows: output tile [BLOCK_N, BLOCK_K] = (C_out, C_in), reduction over M in
+    BLOCK_M rows."""
+    t = gemm_tiles(N, K, M, dtype, target, precision, b_prologue=prologue)
+    tiles = GemmTiles(t.block_k, t.block_m, t.block_n, t.group_m, t.num_warps, t.num_stages)
+    return (tiles, *wgrad_splits(M, N, K, tiles, torch.empty((), dtype=dtype).element_size(), target))
+
+
+def dgrad_wgrad_plan(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target, precision: str = "ieee",
+                     prologue: bool = False) -> Optional[tuple[GemmTiles, int, int]]:
+    """(tiles, num_splits, rows_per_split) of ``conv1x1_dgrad_wgrad_kernel``, or None
+    where the backward takes two passes (``dgrad_wgrad_tiles``; or nothing to compute).
+    One program per split, its output tile both whole weights."""
+    tiles = dgrad_wgrad_tiles(N, K, N2, dtype, target, precision, prologue)
+    if tiles is None or M == 0 or K == 0:
+        return None
+    size = torch.empty((), dtype=dtype).element_size()
+    return (tiles, *wgrad_splits(M, N + N2, K, GemmTiles(tiles.block_m, N + N2, K), size, target,
+                                 programs=DGRAD_WGRAD_PROGRAMS))
+
+
+def weight_grad_partials(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target, precision: str = "ieee",
+                         prologue: bool = False) -> list[tuple[int, int, int]]:
+    """(num_splits, C_out, C_in) of each fp32 weight-gradient partial buffer the training
+    backward of a 1x1 convolution over M rows writes (and ``split_sum_kernel`` reads):
+    with a second convolution of C_out N2 > 0 (no prologue) too, as
+    ``conv1x1_dgrad_wgrad`` plans them on ``target``."""
+    one_pass = dgrad_wgrad_plan(M, N, K, N2, dtype, target, precision, prologue)
+    if one_pass is not None:
+        return [(one_pass[1], N, K)] + ([(one_pass[1], N2, K)] if N2 else [])
+    out = [(wgrad_plan(M, N, K, dtype, target, precision, prologue)[1], N, K)]
+    if N2:
+        out.append((wgrad_plan(M, N2, K, dtype, target, precision)[1], N2, K))
+    return out
+
+
+_INTERPRETER_PLAN_TARGET = None
+
+
+@contextlib.contextmanager
+def interpreter_plans_as(target) -> Iterator[None]:
+    """Within the block, launches on CPU tensors (the interpreter) take the tiles and
+    weight-gradient splits ``target`` (a ``GPUTarget``) would choose, at its default fp32
+    precision (TF32 where cuDNN's default allows it); the interpreter's numerics stay its
+    own. For counting the traffic of a GPU's plan (``fused-resnet audit``)."""
+    global _INTERPRETER_PLAN_TARGET
+    saved, _INTERPRETER_PLAN_TARGET = _INTERPRETER_PLAN_TARGET, target
+    try:
+        yield
+    finally:
+        _INTERPRETER_PLAN_TARGET = saved
+
+
+def _plan(dtype: torch.dtype, allow_tf32: bool, target) -> tuple:
+    """(target, precision) that choose a launch's tiles: ``target``'s own, or on the
+    interpreter those of ``interpreter_plans_as``."""
+    if target is None and _INTERPRETER_PLAN_TARGET is not None:
+        target = _INTERPRETER_PLAN_TARGET
+    return target, input_precision(dtype, allow_tf32, target)
 
 
 def target_of(device: torch.device):
@@ -562,7 +767,7 @@ def conv1x1_forward(
         _check_nhwc("residual", residual)
     precision = input_precision(x.dtype, allow_tf32, target)
     if tiles is None:
-        tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, target, precision,
+        tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, *_plan(x.dtype, allow_tf32, target),
                            heavy_epilogue=eval_norm is not None and residual is not None)
     num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
     partials = torch.empty((num_m_tiles, 2, geo.C_out), device=x.device, dtype=torch.float32) if stats else None
@@ -609,6 +814,18 @@ def conv1x1_stats_finalize(
     return mean, invstd
 
 
+def _second_operands(geo: ConvGeometry, dy: torch.Tensor, weight: torch.Tensor, second) -> tuple:
+    """(dy2, weight2) of ``second``, checked to be a stride-1 convolution of the same x
+    (or (dy, weight), never read, without one)."""
+    if second is None:
+        return dy, weight
+    dy2, w2 = second
+    _check_nhwc("dy2", dy2)
+    if w2.shape[1] != geo.C_in or dy2.shape[:1] + dy2.shape[2:] != dy.shape[:1] + dy.shape[2:]:
+        raise ValueError("second must be (dy2, weight2) of a stride-1 convolution of the same x")
+    return dy2, w2
+
+
 def conv1x1_dgrad(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -635,14 +852,11 @@ def conv1x1_dgrad(
         raise ValueError("add and second are not supported with stride > 1")
     if add is not None:
         _check_nhwc("add", add)
-    dy2, w2 = second if second is not None else (dy, weight)
-    if second is not None:
-        _check_nhwc("dy2", dy2)
-        if w2.shape[1] != geo.C_in or dy2.shape[:1] + dy2.shape[2:] != dy.shape[:1] + dy.shape[2:]:
-            raise ValueError("second must be (dy2, weight2) of a stride-1 convolution of the same x")
+    dy2, w2 = _second_operands(geo, dy, weight, second)
     out = _nhwc_empty(x.shape, x, zeros=geo.sampled)
     precision = input_precision(x.dtype, allow_tf32, target)
-    tiles = gemm_tiles(geo.M, geo.C_in, geo.C_out, x.dtype, target, precision, heavy_epilogue=prologue is not None)
+    tiles = gemm_tiles(geo.M, geo.C_in, geo.C_out, x.dtype, *_plan(x.dtype, allow_tf32, target),
+                       heavy_epilogue=prologue is not None)
     # Here the GEMM's output columns are C_in (BLOCK_K) and its reduction C_out (BLOCK_N).
     tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, tiles.num_warps, tiles.num_stages)
     num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
@@ -683,10 +897,8 @@ def conv1x1_wgrad(
     geo = geometry_of(x, weight, stride)
     N, K = geo.C_out, geo.C_in
     precision = input_precision(x.dtype, allow_tf32, target)
-    tiles = gemm_tiles(N, K, geo.M, x.dtype, target, precision, b_prologue=prologue is not None)
-    # Output tile [BLOCK_N, BLOCK_K] = (C_out, C_in), the reduction over M in BLOCK_M rows.
-    tiles = GemmTiles(tiles.block_k, tiles.block_m, tiles.block_n, tiles.group_m, tiles.num_warps, tiles.num_stages)
-    splits, rows_per_split = wgrad_splits(geo.M, N, K, tiles, x.element_size(), target)
+    tiles, splits, rows_per_split = wgrad_plan(geo.M, N, K, x.dtype, *_plan(x.dtype, allow_tf32, target),
+                                               prologue=prologue is not None)
     partials = torch.empty((splits, N, K), device=x.device, dtype=torch.float32)
     bias_partials = torch.empty((splits, N), device=x.device, dtype=torch.float32) if bias_grad else None
     p_w, p_b = _norm_flags(prologue)
@@ -700,12 +912,82 @@ def conv1x1_wgrad(
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
+    return _summed_splits(partials, bias_partials, weight, target)
+
+
+def conv1x1_dgrad_wgrad(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    stride: int,
+    prologue: Optional[ChannelNorm] = None,
+    second: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bias_grad: bool = False,
+    bias_grad2: bool = False,
+    allow_tf32: bool = False,
+    target=None,
+):
+    """Both gradients of a 1x1 convolution: ``conv1x1_dgrad``'s (dA, or g and partials
+    with a prologue) and ``conv1x1_wgrad``'s (dW, d_bias), and with ``second`` = (dy2,
+    weight2) (a stride-1 convolution of the same x) dA over both and the second's (dW2,
+    d_bias2). In one pass over dY and x where ``dgrad_wgrad_tiles`` fits, else in two.
+    Returns ``(out, partials or None, (dw, db), (dw2, db2) or None)``."""
+    _check_nhwc("dy", dy)
+    _check_nhwc("x", x)
+    target = target_of(x.device) if target is None else target
+    geo = geometry_of(x, weight, stride)
+    if second is not None and geo.sampled:
+        raise ValueError("second is not supported with stride > 1")
+    dy2, w2 = _second_operands(geo, dy, weight, second)
+    N, K, N2 = geo.C_out, geo.C_in, (w2.shape[0] if second is not None else 0)
+    plan = dgrad_wgrad_plan(geo.M, N, K, N2, x.dtype, *_plan(x.dtype, allow_tf32, target),
+                            prologue=prologue is not None)
+    if plan is None:
+        out, partials = conv1x1_dgrad(dy, weight, x, stride, prologue, second=second, allow_tf32=allow_tf32,
+                                      target=target)
+        grads = conv1x1_wgrad(dy, x, weight, stride, prologue, bias_grad, allow_tf32, target)
+        grads2 = conv1x1_wgrad(dy2, x, w2, 1, None, bias_grad2, allow_tf32, target) if second is not None else None
+        return out, partials, grads, grads2
+
+    tiles, splits, rows_per_split = plan
+    out = _nhwc_empty(x.shape, x, zeros=geo.sampled)
+    partials = (torch.empty((triton.cdiv(geo.M, tiles.block_m), 3, K), device=x.device, dtype=torch.float32)
+                if prologue is not None else None)
+
+    def fp32(*shape):
+        return torch.empty((splits, *shape), device=x.device, dtype=torch.float32)
+
+    w_partials, b_partials = fp32(N, K), (fp32(N) if bias_grad else None)
+    w2_partials, b2_partials = (fp32(N2, K) if second is not None else None), (fp32(N2) if bias_grad2 else None)
+    p_w, p_b = _norm_flags(prologue)
+    conv1x1_dgrad_wgrad_kernel[(splits,)](
+        dy, weight, x, out, _or(partials, out), w_partials, _or(b_partials, w_partials),
+        dy2, w2, _or(w2_partials, w_partials), _or(b2_partials, w_partials), *_norm_args(prologue, weight),
+        geo.M, N, K, N2, *geo.row_args(), weight.stride(0), weight.stride(1), w2.stride(0), w2.stride(1),
+        rows_per_split,
+        SAMPLED=geo.sampled, PROLOGUE=prologue is not None, P_HAS_WEIGHT=p_w, P_HAS_BIAS=p_b,
+        SECOND=second is not None, BIAS_GRAD=bias_grad, BIAS_GRAD2=bias_grad2 and second is not None,
+        INPUT_PRECISION=input_precision(x.dtype, allow_tf32, target),
+        INTERPRETER_BF16=_interpreter_bf16(x.dtype, target),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_N2=dgrad_wgrad_block_n2(N2), BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    grads = _summed_splits(w_partials, b_partials, weight, target)
+    grads2 = _summed_splits(w2_partials, b2_partials, w2, target) if second is not None else None
+    return out, partials, grads, grads2
+
+
+def _summed_splits(w_partials: torch.Tensor, b_partials: Optional[torch.Tensor], weight: torch.Tensor,
+                   target) -> tuple:
+    """(dW in weight's dtype and strides, d_bias or None) from [splits, C_out, C_in] and
+    [splits, C_out] fp32 partials, summed in split order."""
+    splits, N, K = w_partials.shape
     dw = torch.empty_like(weight)
-    _split_sum(partials, dw, splits, N * K, target)
+    _split_sum(w_partials, dw, splits, N * K, target)
     db = None
-    if bias_grad:
-        db = torch.empty(N, device=x.device, dtype=weight.dtype)
-        _split_sum(bias_partials, db, splits, N, target)
+    if b_partials is not None:
+        db = torch.empty(N, device=weight.device, dtype=weight.dtype)
+        _split_sum(b_partials, db, splits, N, target)
     return dw, db
 
 

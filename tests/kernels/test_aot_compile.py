@@ -27,6 +27,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from fused_resnet import backend
 
@@ -178,3 +179,14 @@ def test_compiles_without_spills(shapes, pool, target_name, capsys):
     over = [f"{launch.describe()}: {usage['shared_bytes']} B" for launch, usage in results
             if usage["shared_bytes"] > limit]
     assert not over, f"over {target_name}'s {limit} B of shared memory per block:\n" + "\n".join(over)
+    # Every GEMM with 16-bit inputs or TF32 runs its dot on the tensor cores (fp32 "ieee" may not).
+    on_fma = [launch.describe() for launch, usage in results if _dot_wants_tensor_cores(launch)
+              and not usage["tensor_core_instructions"]]
+    assert not on_fma, f"dots without {target_name}'s tensor-core instructions:\n" + "\n".join(on_fma)
+
+
+def _dot_wants_tensor_cores(launch) -> bool:
+    args = launch.bound_arguments()
+    if "INPUT_PRECISION" not in args:
+        return False
+    return args["INPUT_PRECISION"] == "tf32" or args["x_ptr"].dtype in (torch.bfloat16, torch.float16)

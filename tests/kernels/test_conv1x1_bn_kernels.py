@@ -1,6 +1,6 @@
 """The 1x1-convolution GEMM kernels themselves (kernels/conv1x1_bn.py): the prologue's
 activation is bitwise the materialised one, the statistics merge survives a large mean,
-the dgrad's accumulate and the wgrad's split over M."""
+the dgrad's accumulate, the wgrad's split over M, both in one pass, and the tile rules."""
 from __future__ import annotations
 
 import pytest
@@ -114,6 +114,109 @@ def test_wgrad_splits_over_m_in_a_fixed_order():
     torch.testing.assert_close(db.double(), dy.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
     dw2, db2 = conv1x1_wgrad(dy, x, w, 1, bias_grad=True)
     assert torch.equal(dw, dw2) and torch.equal(db, db2)
+
+
+def _two_passes(dy, w, x, stride, norm, second):
+    from fused_resnet.kernels.conv1x1_bn import conv1x1_dgrad, conv1x1_wgrad
+
+    out, partials = conv1x1_dgrad(dy, w, x, stride, norm, second=second)
+    grads = conv1x1_wgrad(dy, x, w, stride, norm, bias_grad=True)
+    grads2 = conv1x1_wgrad(second[0], x, second[1], 1, bias_grad=True) if second else None
+    return out, partials, grads, grads2
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["plain", "stride 2", "prologue", "second", "wide C_in"])
+def test_dgrad_and_wgrad_in_one_pass(dtype, case):
+    """conv1x1_dgrad_wgrad reads dY (and x, and a second convolution's dY2) once for both
+    gradients: the same as the two passes (fp32 within 1e-5, bf16 within one rounding of
+    the stored result), the fp32 gradients within 1e-5 of float64, the BatchNorm
+    partials of its prologue in the dgrad's [tiles, 3, C_in] layout, bitwise the same on
+    a second run; C_in = 80 does not fit one program and takes the two passes."""
+    from fused_resnet.kernels.bn_add_relu import ChannelNorm
+    from fused_resnet.kernels.conv1x1_bn import conv1x1_dgrad_wgrad, dgrad_wgrad_plan
+
+    g = torch.Generator().manual_seed(5)
+    C_in = 80 if case == "wide C_in" else 20
+    C_out, stride = 24, (2 if case == "stride 2" else 1)
+    x = nhwc(torch.randn(2, C_in, 5, 7, generator=g).to(dtype))
+    Ho, Wo = (5 - 1) // stride + 1, (7 - 1) // stride + 1
+    dy = nhwc(torch.randn(2, C_out, Ho, Wo, generator=g).to(dtype))
+    w = torch.randn(C_out, C_in, 1, 1, generator=g).to(dtype).to(DEVICE)
+    second = None
+    if case == "second":
+        second = (nhwc(torch.randn(2, 36, 5, 7, generator=g).to(dtype)),
+                  torch.randn(36, C_in, 1, 1, generator=g).to(dtype).to(DEVICE))
+    norm = None
+    if case == "prologue":
+        norm = ChannelNorm(*(t.to(DEVICE) for t in (torch.randn(C_in, generator=g), torch.rand(C_in, generator=g) + 0.5,
+                                                    torch.randn(C_in, generator=g), torch.randn(C_in, generator=g))))
+    if DEVICE == "cpu":  # the interpreter: one pass wherever it fits
+        fits = dgrad_wgrad_plan(70, C_out, C_in, 36 if second else 0, dtype, None, prologue=norm is not None)
+        assert (fits is None) == (case == "wide C_in")
+
+    one = conv1x1_dgrad_wgrad(dy, w, x, stride, norm, second=second, bias_grad=True, bias_grad2=True)
+    two = _two_passes(dy, w, x, stride, norm, second)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    pairs = [(one[0], two[0]), *zip(one[2], two[2])] + (list(zip(one[3], two[3])) if second else [])
+    for a, b in pairs:
+        if case == "wide C_in":
+            assert torch.equal(a, b)
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    if norm is not None:
+        assert one[1].shape == two[1].shape
+        torch.testing.assert_close(one[1][:, :2].sum(0), two[1][:, :2].sum(0), rtol=1e-4, atol=1e-4)
+    if dtype == torch.float32 and norm is None:
+        ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), stride=stride)
+        if second:
+            ref_dx += torch.nn.grad.conv2d_input(x.shape, second[1].double(), second[0].double())
+        torch.testing.assert_close(one[0].double(), ref_dx, rtol=1e-5, atol=1e-5)
+        ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, dy.double(), stride=stride)
+        torch.testing.assert_close(one[2][0].double(), ref_dw, rtol=1e-5, atol=1e-5)
+    again = conv1x1_dgrad_wgrad(dy, w, x, stride, norm, second=second, bias_grad=True, bias_grad2=True)
+    assert torch.equal(again[0], one[0]) and torch.equal(again[2][0], one[2][0])
+
+
+def test_one_pass_rule_is_deterministic_and_per_target():
+    """One pass on sm_90a with tensor cores at ResNet-50 layer1's shapes, never on sm_80 or
+    gfx942 (ptxas spills there) or fp32 without TF32; wider weights take two passes."""
+    from fused_resnet.kernels.aot import TARGETS
+    from fused_resnet.kernels.conv1x1_bn import GemmTiles, dgrad_wgrad_plan, dgrad_wgrad_tiles
+
+    hopper = TARGETS["sm_90a"]
+    assert dgrad_wgrad_tiles(256, 64, 0, torch.bfloat16, hopper) == GemmTiles(64, 256, 64, 1, 8, 2)
+    assert dgrad_wgrad_tiles(256, 64, 0, torch.float32, hopper, "tf32", prologue=True) == GemmTiles(16, 256, 64, 1, 16, 1)
+    assert dgrad_wgrad_tiles(64, 64, 256, torch.float32, hopper, "tf32") == GemmTiles(32, 64, 64, 1, 8, 2)
+    assert dgrad_wgrad_tiles(64, 64, 0, torch.float32, hopper, "ieee") is None
+    for name in ("sm_80", "gfx942"):
+        assert dgrad_wgrad_tiles(64, 64, 0, torch.bfloat16, TARGETS[name]) is None
+    for N, K, N2 in ((512, 128, 0), (256, 128, 0), (128, 64, 256)):  # layer2's conv3, wider C_in, a wide pair
+        assert dgrad_wgrad_tiles(N, K, N2, torch.bfloat16, hopper) is None
+    # About 256 programs, each split a whole number of row blocks: the partials are at most the rule's.
+    tiles, splits, rows = dgrad_wgrad_plan(802816, 256, 64, 0, torch.bfloat16, hopper)
+    assert splits == 256 and rows % tiles.block_m == 0 and splits * rows >= 802816
+    assert dgrad_wgrad_plan(802816, 256, 64, 0, torch.bfloat16, hopper) == (tiles, splits, rows)
+
+
+@runs_kernels
+def test_interpreter_plans_as_takes_the_targets_tiles():
+    """Inside interpreter_plans_as(sm_90a), the interpreter's launches take sm_90a's tiles
+    (here 128-row output tiles instead of 16) and compute the same convolution."""
+    from fused_resnet.kernels.aot import TARGETS
+    from fused_resnet.kernels.conv1x1_bn import conv1x1_forward, interpreter_plans_as
+
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's plan")
+    g = torch.Generator().manual_seed(6)
+    x = nhwc(torch.randn(2, 32, 8, 8, generator=g))  # M = 128 rows
+    w = torch.randn(48, 32, 1, 1, generator=g)
+    y, _, rows = conv1x1_forward(x, w, None, 1, stats=True, allow_tf32=True)
+    with interpreter_plans_as(TARGETS["sm_90a"]):
+        y_planned, partials, planned_rows = conv1x1_forward(x, w, None, 1, stats=True, allow_tf32=True)
+    assert (rows, planned_rows, partials.shape[0]) == (16, 128, 1)
+    torch.testing.assert_close(y_planned, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), torch.nn.functional.conv2d(x.double(), w.double()), rtol=1e-5, atol=1e-5)
 
 
 @runs_kernels
