@@ -165,8 +165,9 @@ def format_kernel_table(results: Sequence[KernelResult], info: dict) -> str:
 # What each timed pass of a 1x1 convolution computes (the fused GEMM vs cuDNN + the ops it replaces):
 # forward_stats: conv + the following BatchNorm's batch statistics (conv1, downsample);
 # forward_prologue_stats: relu(bn(x)) into the conv + statistics (conv3); eval: conv + bn + relu;
-# dgrad / wgrad: the convolution's input / weight gradient.
-CONV1X1_PASSES = ("forward_stats", "forward_prologue_stats", "eval", "dgrad", "wgrad")
+# dgrad / wgrad: the convolution's input / weight gradient; backward: both (one pass over dy and x where
+# the one-pass kernel's rule has tiles for the GPU, the two kernels one after the other elsewhere).
+CONV1X1_PASSES = ("forward_stats", "forward_prologue_stats", "eval", "dgrad", "wgrad", "backward")
 # Toy 1x1 convolutions (C_in, H, W, C_out, stride) for the smoke run through the interpreter.
 SMOKE_CONV1X1 = ((16, 4, 4, 16, 1), (16, 4, 4, 32, 2))
 
@@ -179,8 +180,10 @@ def conv1x1_work(shape: Sequence[int], batch: int, pass_: str, dtype: str) -> tu
     M, size = batch * Ho * Wo, torch.empty((), dtype=DTYPES[dtype]).element_size()
     weight, a, y = C_in * C_out, M * C_in, M * C_out
     dx = batch * H * W * C_in  # dgrad writes the whole input, zeros where a stride skips
-    elements = {"dgrad": y + weight + dx, "wgrad": y + a + weight}.get(pass_, a + weight + y)
-    return 2 * M * C_in * C_out, elements * size
+    elements = {"dgrad": y + weight + dx, "wgrad": y + a + weight,
+                "backward": y + a + 2 * weight + dx}.get(pass_, a + weight + y)
+    gemms = 2 if pass_ == "backward" else 1
+    return gemms * 2 * M * C_in * C_out, elements * size
 
 
 def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: str, device: torch.device,
@@ -188,8 +191,8 @@ def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: st
     """One pass of one 1x1 convolution (channels_last): the Triton GEMM (``fused``) or cuDNN's
     convolution plus the PyTorch ops the GEMM's prologue / epilogue replace (``cudnn``)."""
     from fused_resnet.kernels.bn_add_relu import ChannelNorm
-    from fused_resnet.kernels.conv1x1_bn import (conv1x1_dgrad, conv1x1_forward, conv1x1_stats_finalize,
-                                                 conv1x1_wgrad)
+    from fused_resnet.kernels.conv1x1_bn import (conv1x1_dgrad, conv1x1_dgrad_wgrad, conv1x1_forward,
+                                                 conv1x1_stats_finalize, conv1x1_wgrad)
 
     if implementation not in ("fused", "cudnn"):
         raise ValueError(f"unknown implementation '{implementation}'; choose from fused, cudnn")
@@ -234,9 +237,12 @@ def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: st
         elif pass_ == "dgrad":
             def step():
                 conv1x1_dgrad(dy, w, x, stride, allow_tf32=tf32)
-        else:
+        elif pass_ == "wgrad":
             def step():
                 conv1x1_wgrad(dy, x, w, stride, allow_tf32=tf32)
+        else:
+            def step():
+                conv1x1_dgrad_wgrad(dy, w, x, stride, allow_tf32=tf32)
         return step
 
     def bn_relu_input():
@@ -259,7 +265,7 @@ def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: st
             torch.relu_(torch.nn.functional.batch_norm(y, out_norm.mean, out_norm.invstd, out_norm.weight,
                                                        out_norm.bias, False, 0.0, 1e-5))
     else:
-        mask = [pass_ == "dgrad", pass_ == "wgrad", False]
+        mask = [pass_ in ("dgrad", "backward"), pass_ in ("wgrad", "backward"), False]
 
         def step():
             torch.ops.aten.convolution_backward(dy, x, w, None, [stride, stride], [0, 0], [1, 1], False,

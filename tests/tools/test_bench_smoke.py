@@ -125,7 +125,11 @@ def test_conv1x1_work_counts_the_gemm_and_one_pass_over_each_operand():
     # A stride-2 dgrad writes the whole input (zeros at the skipped pixels), reads dy of the sampled ones.
     _, moved = kernel_bench.conv1x1_work((256, 56, 56, 512, 2), 1, "dgrad", "float32")
     assert moved == 4 * (28 * 28 * 512 + 256 * 512 + 56 * 56 * 256)
-    assert [p for s, p in kernel_bench.conv1x1_cases([(8, 4, 4, 8, 2)])] == ["forward_stats", "eval", "dgrad", "wgrad"]
+    # Both gradients together read dy and x once, write dx and dw once, and do the two GEMMs.
+    flops, moved = kernel_bench.conv1x1_work((64, 56, 56, 256, 1), 2, "backward", "bfloat16")
+    assert flops == 2 * 2 * M * 64 * 256 and moved == 2 * (M * 256 + M * 64 + 2 * 64 * 256 + M * 64)
+    assert [p for s, p in kernel_bench.conv1x1_cases([(8, 4, 4, 8, 2)])] == ["forward_stats", "eval", "dgrad",
+                                                                              "wgrad", "backward"]
 
 
 def test_conv1x1_steps_reject_unknown_names():
@@ -137,7 +141,7 @@ def test_conv1x1_steps_reject_unknown_names():
         kernel_bench.prepare_conv1x1_step("forward_prologue_stats", (8, 4, 4, 8, 2), 1, "float32", "cpu")
 
 
-@pytest.mark.parametrize("pass_", ["forward_stats", "forward_prologue_stats", "eval", "dgrad", "wgrad"])
+@pytest.mark.parametrize("pass_", kernel_bench.CONV1X1_PASSES)
 def test_conv1x1_cudnn_steps_run_on_the_cpu(pass_):
     kernel_bench.prepare_conv1x1_step(pass_, (8, 4, 4, 16, 1), 2, "float32", "cpu", "cudnn")()
 
