@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .common import (EAGER_BUDGET, FUSED_BUDGET, MINIMUM, OP_PASSES, PASS_LABELS, PASSES, TAIL_OPS, DTYPES,
+from .common import (EAGER_BUDGET, FUSED_BUDGET, MINIMUM, OP_PASSES, PASS_LABELS, PASSES, STAGES, TAIL_OPS, DTYPES,
                      bn_tails, canonical_dtype, check_tail_case, eager_tail, fused_tail, machine_info, progress,
                      render_table, tail_case)
 from .traffic import AtenOp, AtenTrafficMode, Launch, Traffic, TritonTrafficCounter, aten_traffic, triton_traffic
@@ -497,6 +497,7 @@ class BlockAudit:
     eager: Traffic
     fused_breakdown: dict  # kernel or ATen op name -> bytes read + written, summed over its launches
     eager_breakdown: dict
+    weight_grad_gemms: list = field(default_factory=list)  # see weight_grad_gemms()
 
     @property
     def fused(self) -> int:
@@ -537,40 +538,55 @@ def _block_pass(block: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, pass_
             torch.autograd.grad(y, [leaf, *block.parameters()], dy)
 
 
+def _check_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def audit_conv_bottleneck(inplanes: int = 64, planes: int = 64, shape_hw: int = 8, batch: int = 1,
                           dtype: str = "float32", downsample: bool = True) -> list[BlockAudit]:
     """torchvision's Bottleneck(inplanes, planes) in training against ``FusedConvBottleneck.from_block``,
-    convolutions included, forward and forward+backward (needs the interpreter).
-
-    Every tensor counts (weights and statistics too): the fused side is its Triton launches'
-    unique bytes plus the ATen ops around them (conv2's 3x3 among them); eager is every ATen
-    op's inputs + outputs plus batch norm's second passes. The interpreter's tiles and
-    weight-gradient splits are its own (``gemm_tiles(target=None)``: 16 to 49 split
-    partials where a GPU's rule takes 1 to 5), so the fused backward is overstated here;
-    measured, fp32, 1x64x16x16: forward 0.50x eager, forward+backward 1.09x.
+    convolutions included, forward and forward+backward, at one small shape (needs the
+    interpreter); see :func:`audit_conv_block`. At such shapes the weights weigh as much
+    as the activations: :func:`project_conv_block` gives the figure at a real shape.
     """
-    import copy
-
     from torch import nn
     from torchvision.models.resnet import Bottleneck
 
-    from fused_resnet.nn.blocks import FusedConvBottleneck
-
-    for name, value in (("inplanes", inplanes), ("planes", planes), ("shape_hw", shape_hw), ("batch", batch)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_positive_ints(inplanes=inplanes, planes=planes, shape_hw=shape_hw, batch=batch)
     dtype = canonical_dtype(dtype)
+    if not downsample and inplanes != planes * 4:
+        raise ValueError(f"inplanes must be planes * 4 = {planes * 4} without a downsample, got {inplanes}")
     torch.manual_seed(0)
     ds = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)) \
         if downsample else None
-    if not downsample and inplanes != planes * 4:
-        raise ValueError(f"inplanes must be planes * 4 = {planes * 4} without a downsample, got {inplanes}")
-    eager = Bottleneck(inplanes, planes, downsample=ds).to(DTYPES[dtype], memory_format=torch.channels_last)
+    return audit_conv_block(Bottleneck(inplanes, planes, downsample=ds), batch, shape_hw, dtype)
+
+
+def audit_conv_block(block: torch.nn.Module, batch: int, shape_hw: int, dtype: str = "float32") -> list[BlockAudit]:
+    """A torchvision Bottleneck ``block`` (copied, not changed) in training against its
+    ``FusedConvBottleneck.from_block`` twin, on a batch x C x shape_hw x shape_hw
+    channels_last input, forward and forward+backward (needs the interpreter).
+
+    Every tensor counts (weights and statistics too): the fused side is its Triton launches'
+    unique bytes plus the ATen ops around them (conv2's 3x3 among them); eager is every ATen
+    op's inputs + outputs plus batch norm's second passes. Tiles and weight-gradient splits
+    are the interpreter's own unless inside ``interpreter_plans_as``.
+    """
+    import copy
+
+    from fused_resnet.nn.blocks import FusedConvBottleneck
+
+    dtype = canonical_dtype(dtype)
+    eager = copy.deepcopy(block).to(DTYPES[dtype], memory_format=torch.channels_last).train()
     fused = FusedConvBottleneck.from_block(copy.deepcopy(eager))
+    inplanes, out_channels = eager.conv1.in_channels, eager.conv3.out_channels
+    out_hw = (shape_hw - 1) // eager.conv2.stride[0] + 1
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, inplanes, shape_hw, shape_hw, generator=g).to(DTYPES[dtype])
     x = x.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(batch, planes * 4, shape_hw, shape_hw, generator=g).to(DTYPES[dtype])
+    dy = torch.randn(batch, out_channels, out_hw, out_hw, generator=g).to(DTYPES[dtype])
     dy = dy.contiguous(memory_format=torch.channels_last)
     out = []
     for pass_ in CONV_BLOCK_TARGETS:
@@ -594,8 +610,218 @@ def audit_conv_bottleneck(inplanes: int = 64, planes: int = 64, shape_hw: int = 
         # Threshold 0: in this view every tensor counts, and every batch norm's second pass with it.
         out.append(BlockAudit(pass_, tuple(x.shape), dtype, triton_traffic(kernels.launches, 0, 0),
                               aten_traffic(around.ops, 0), aten_traffic(mode.ops, 0), fused_breakdown,
-                              eager_breakdown))
+                              eager_breakdown, weight_grad_gemms(kernels.launches)))
     return out
+
+
+# The GPU target whose tile plan each projection GPU's figures use.
+PLAN_TARGETS = {"H100": "sm_90a", "H200": "sm_90a", "A100": "sm_80", "MI300X": "gfx942"}
+# Kernels that write fp32 weight-gradient partials, one [C_out, C_in] (and [C_out] bias) per split.
+_WEIGHT_GRAD_KERNELS = ("conv1x1_wgrad_kernel", "conv1x1_dgrad_wgrad_kernel")
+
+
+def weight_grad_gemms(launches: Sequence[Launch]) -> list[dict]:
+    """The weight-gradient GEMMs among ``launches``: each one's rows, channels, prologue,
+    bias gradients and splits, enough to re-plan its partials for other rows."""
+    out = []
+    for launch in launches:
+        if launch.kernel in _WEIGHT_GRAD_KERNELS:
+            a = launch.scalars
+            out.append({"kernel": launch.kernel, "M": a["M"], "N": a["N"], "K": a["K"],
+                        "N2": a["N2"] if a.get("SECOND") else 0, "prologue": bool(a["PROLOGUE"]),
+                        "bias": bool(a.get("BIAS_GRAD")), "bias2": bool(a.get("BIAS_GRAD2")),
+                        "splits": -(-a["M"] // a["rows_per_split"])})
+    return out
+
+
+def weight_grad_partial_bytes(gemms: Sequence[dict], dtype: str, rows_scale: float = 1.0, target=None) -> int:
+    """Bytes of the fp32 weight-gradient partials of ``gemms`` (written by the GEMM, read
+    by ``split_sum_kernel``): as launched, or (``target``) with the splits the launchers
+    plan there (``wgrad_plan`` / ``dgrad_wgrad_plan``, cuDNN's TF32 setting) for
+    ``rows_scale`` times the rows."""
+    from fused_resnet.kernels.conv1x1_bn import dgrad_wgrad_plan, input_precision, wgrad_plan
+
+    total = 0
+    for g in gemms:
+        splits = g["splits"]
+        if target is not None:
+            torch_dtype = DTYPES[dtype]
+            precision = input_precision(torch_dtype, torch.backends.cudnn.allow_tf32, target)
+            rows = max(1, round(g["M"] * rows_scale))
+            if g["kernel"] == "conv1x1_wgrad_kernel":
+                splits = wgrad_plan(rows, g["N"], g["K"], torch_dtype, target, precision, g["prologue"])[1]
+            else:
+                splits = dgrad_wgrad_plan(rows, g["N"], g["K"], g["N2"], torch_dtype, target, precision,
+                                          g["prologue"])[1]
+        per_split = (g["N"] + g["N2"]) * g["K"] + g["N"] * g["bias"] + g["N2"] * g["bias2"]
+        total += 2 * 4 * splits * per_split
+    return total
+
+
+@dataclass
+class ProjectedBlockAudit:
+    """One block, one pass, convolutions included, at a real shape: bytes linear in the
+    batch between two measured batches (taken with the GPU's tile plan), the fused
+    side's weight-gradient partials at the real shape's splits."""
+
+    pass_: str
+    real_shape: tuple[int, ...]
+    measured_shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+    plan: str
+    fused: float
+    eager_implementation: float
+    weight_grad_partials: float  # part of ``fused``
+    fused_breakdown: dict  # op -> bytes at the real shape (weight-gradient partials apart)
+    eager_breakdown: dict
+
+    @property
+    def ratio(self) -> float:
+        return self.fused / self.eager_implementation
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(ratio=self.ratio, target=CONV_BLOCK_TARGETS.get(self.pass_))
+        return out
+
+
+def project_conv_block(block: torch.nn.Module, batch: int, shape_hw: int, dtype: str = "float32",
+                       plan: str = "sm_90a", measured_hw: int = 8) -> list[ProjectedBlockAudit]:
+    """``block`` (a torchvision Bottleneck) at batch x C x shape_hw x shape_hw, convolutions
+    included, forward and forward+backward, as the ``plan`` target's tiles would move it.
+
+    Measured by :func:`audit_conv_block` at measured_hw x measured_hw with the target's
+    tile plan (``interpreter_plans_as``), at two batches whose output fills the largest
+    row tile (128 rows) at least once: every buffer then scales with the batch (the
+    activations, the per-tile statistics partials) or not at all (weights, per-channel
+    vectors), so each op's bytes are a line through the two, evaluated at the real
+    shape's pixel count. The weight-gradient partials are fixed per split count instead:
+    they are taken out of the line and added back at the splits the launchers plan for
+    the real rows (:func:`weight_grad_partials`). The BatchNorm tails' reduction
+    partials, one per program at these sizes, scale here but not on a GPU: their bytes
+    are overstated (a conservative figure)."""
+    from fused_resnet.kernels.aot import TARGETS
+    from fused_resnet.kernels.conv1x1_bn import interpreter_plans_as
+
+    _check_positive_ints(batch=batch, shape_hw=shape_hw, measured_hw=measured_hw)
+    if plan not in TARGETS:
+        raise ValueError(f"plan must be one of {sorted(TARGETS)}, got {plan!r}")
+    dtype = canonical_dtype(dtype)
+    target = TARGETS[plan]
+    stride = block.conv2.stride[0]
+    out_pixels = ((measured_hw - 1) // stride + 1) ** 2
+    first = -(-128 // out_pixels)
+    measured = []
+    with interpreter_plans_as(target):
+        for b in (first, 2 * first):
+            measured.append((b, audit_conv_block(block, b, measured_hw, dtype)))
+    (b1, lo), (b2, hi) = measured
+    # The real shape in measured images: the same pixels per image ratio for every buffer.
+    images = batch * shape_hw * shape_hw / (measured_hw * measured_hw)
+    out = []
+    for a1, a2 in zip(lo, hi):
+        def line(v1: float, v2: float) -> float:
+            return v1 + (v2 - v1) * (images - b1) / (b2 - b1)
+
+        p1, p2 = (weight_grad_partial_bytes(a.weight_grad_gemms, dtype) for a in (a1, a2))
+        fused = line(a1.fused - p1, a2.fused - p2)
+        eager = line(a1.eager_implementation, a2.eager_implementation)
+        partials = float(weight_grad_partial_bytes(a2.weight_grad_gemms, dtype, images / b2, target))
+        fused_breakdown = {name: line(a1.fused_breakdown.get(name, 0), n) for name, n in a2.fused_breakdown.items()}
+        eager_breakdown = {name: line(a1.eager_breakdown.get(name, 0), n) for name, n in a2.eager_breakdown.items()}
+        fused_breakdown["weight-gradient partials (real splits)"] = partials - line(p1, p2)
+        out.append(ProjectedBlockAudit(a2.pass_, (batch, block.conv1.in_channels, shape_hw, shape_hw),
+                                       (a1.shape, a2.shape), dtype, plan, fused + partials, eager, partials,
+                                       dict(sorted(fused_breakdown.items(), key=lambda kv: -kv[1])),
+                                       eager_breakdown))
+    return out
+
+
+@dataclass
+class StageConvTraffic:
+    """One stage of a Bottleneck ResNet, one pass, convolutions included, at the real
+    shapes: the sum of its blocks' :class:`ProjectedBlockAudit` figures."""
+
+    model: str
+    stage: str
+    pass_: str
+    blocks: int
+    fused: float
+    eager_implementation: float
+
+    @property
+    def ratio(self) -> float:
+        return self.fused / self.eager_implementation
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"ratio": self.ratio}
+
+
+def project_conv_stages(model: str = "resnet50", batch: int = 256, resolution: int = 224, dtype: str = "float32",
+                        plan: str = "sm_90a", show_progress: bool = False
+                        ) -> tuple[list[StageConvTraffic], dict[tuple, list[ProjectedBlockAudit]]]:
+    """Per stage of torchvision's ``model`` (Bottleneck blocks) in training, convolutions
+    included, fused (``convert(model, fuse_convolutions=True)``) against eager: each
+    distinct block (input channels, stride, downsample) projected once by
+    :func:`project_conv_block` at its real input shape. Returns the stages and, per
+    distinct block, its projection."""
+    from torchvision.models.resnet import Bottleneck
+
+    from .common import _meta_resnet, require
+
+    _check_positive_ints(batch=batch, resolution=resolution)
+    torchvision = require("torchvision", "building the ResNet")
+    meta = _meta_resnet(model)
+    if not isinstance(meta.layer1[0], Bottleneck):
+        raise ValueError(f"model must be built of Bottleneck blocks (1x1 convolutions to fuse), not {model!r}")
+    shapes: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape)))
+             for name, m in meta.named_modules() if isinstance(m, Bottleneck)]
+    meta(torch.empty(batch, 3, resolution, resolution, device="meta"))
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(0)
+    real = getattr(torchvision.models, model)(weights=None)
+    blocks = [(name, m) for name, m in real.named_modules() if isinstance(m, Bottleneck)]
+    keys = {name: (shapes[name], m.conv2.stride[0], m.downsample is not None) for name, m in blocks}
+    distinct = {}
+    for name, m in progress(blocks, len(blocks), "conv audit", show_progress):
+        key = keys[name]
+        if key not in distinct:
+            _, C, H, _ = key[0]
+            distinct[key] = project_conv_block(m, batch, H, dtype, plan)
+    stages = []
+    for stage in STAGES[1:-1]:
+        in_stage = [keys[name] for name, _ in blocks if name.startswith(stage + ".")]
+        for i, pass_ in enumerate(CONV_BLOCK_TARGETS):
+            stages.append(StageConvTraffic(model, stage, pass_, len(in_stage),
+                                           sum(distinct[k][i].fused for k in in_stage),
+                                           sum(distinct[k][i].eager_implementation for k in in_stage)))
+    return stages, distinct
+
+
+def format_conv_tables(stages: Sequence[StageConvTraffic], blocks: dict) -> str:
+    """The per-stage and per-distinct-block tables of :func:`project_conv_stages`, with the
+    targets and each block's biggest fused movers."""
+    header = ["stage", "pass", "blocks", "fused GB", "eager GB impl", "fused/eager"]
+    rows = [[s.stage, s.pass_.replace("_", "+"), str(s.blocks), f"{s.fused / 1e9:.2f}",
+             f"{s.eager_implementation / 1e9:.2f}", f"{s.ratio:.3f}"] for s in stages]
+    first = next(iter(blocks.values()))[0]
+    text = [f"{stages[0].model}, convolutions included (training, batch {first.real_shape[0]}, {first.dtype}, "
+            f"channels_last, {first.plan}'s tile plan): convert(fuse_convolutions=True) vs eager",
+            render_table(header, rows), "",
+            "Per distinct block (input shape, stride, downsample), targets for Bottleneck(64, 64) + downsample:"]
+    header = ["block input", "stride", "downsample", "pass", "fused/eager", "target"]
+    rows = []
+    for (shape, stride, ds), audits in blocks.items():
+        rows += [["x".join(map(str, shape)), str(stride), "yes" if ds else "no", a.pass_.replace("_", "+"),
+                  f"{a.ratio:.3f}", _t(CONV_BLOCK_TARGETS.get(a.pass_)) if ds and shape[1] == 64 else "-"]
+                 for a in audits]
+    text.append(render_table(header, rows))
+    text.append("Projected from two measured batches at 8x8 (interpreter, the plan target's tiles): bytes of "
+                "every buffer, weights and partials included; eager impl: each ATen op's inputs + outputs + batch "
+                "norm's second passes. A count of bytes, not a time.")
+    return "\n".join(text)
 
 
 def format_block_table(audits: Sequence[BlockAudit], top: int = 8) -> str:

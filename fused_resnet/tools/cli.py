@@ -246,10 +246,35 @@ def cmd_audit(args) -> int:
 
     if not interpreter_active():
         return run_in_interpreter(args.argv)
+    if args.convolutions:
+        return _audit_convolutions(args)
     config = AuditConfig(models=_flatten(args.model) or list(MODELS), batch=args.batch, resolution=args.resolution,
                          dtype=args.dtype, gpu=args.gpu)
     data = run_audit(config, _progress_enabled(args))
     print(format_audit(data))
+    if args.json:
+        write_json(args.json, data)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _audit_convolutions(args) -> int:
+    """``audit --convolutions``: Bottleneck ResNets' stages with the 1x1 convolutions fused, convolutions included."""
+    from . import audit
+    from .common import write_json
+
+    models = [m for m in (_flatten(args.model) or ["resnet50"]) if m != "resnet18"]
+    if not models:
+        print("resnet18 has no 1x1 convolutions to fuse (BasicBlock): nothing to audit with --convolutions")
+        return 0
+    plan = audit.PLAN_TARGETS[args.gpu]
+    data = {"fused_resnet_conv_audit": 1, "plan": plan, "models": {}}
+    for model in models:
+        stages, blocks = audit.project_conv_stages(model, args.batch, args.resolution, args.dtype, plan,
+                                                   _progress_enabled(args))
+        print(audit.format_conv_tables(stages, blocks))
+        data["models"][model] = {"stages": [s.to_json() for s in stages],
+                                 "blocks": [a.to_json() for audits in blocks.values() for a in audits]}
     if args.json:
         write_json(args.json, data)
         print(f"wrote {args.json}")
@@ -367,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--dtype", type=dtype_type, default="float32", help="activation dtype (default float32)")
     audit.add_argument("--gpu", type=_one_of(tuple(PROJECTION_GPUS), "GPU"), default="H100",
                        help=f"GPU of the projected times: {', '.join(PROJECTION_GPUS)} (default H100)")
+    audit.add_argument("--convolutions", action="store_true",
+                       help="instead: the Bottleneck ResNets' stages (default resnet50) with the 1x1 convolutions "
+                            "fused, convolutions included, at the --gpu's tile plan (about 5 minutes)")
     audit.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     audit.set_defaults(func=cmd_audit)
 

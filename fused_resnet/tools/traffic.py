@@ -45,11 +45,13 @@ class BufferTraffic:
 
 @dataclass
 class Launch:
-    """One kernel launch and the buffers it touched."""
+    """One kernel launch, the buffers it touched, and its integer and boolean arguments
+    (constexprs included) by name."""
 
     kernel: str
     grid: tuple
     buffers: list[BufferTraffic]
+    scalars: dict = field(default_factory=dict)
 
 
 def _unique_bytes(accesses: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +146,8 @@ class TritonTrafficCounter:
                 inside = (owner == i) & (addrs < starts[i] + np.uint64(buf.nbytes))
                 setattr(buf, attr, getattr(buf, attr) + int(sizes[inside].sum()))
         grid = executor.grid if isinstance(executor.grid, tuple) else ()
-        self.launches.append(Launch(executor.fn.__name__, grid, buffers))
+        scalars = {name: value for name, value in named if isinstance(value, (bool, int))}
+        self.launches.append(Launch(executor.fn.__name__, grid, buffers, scalars))
         self._loads = self._stores = None
 
 
