@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"GPU of the projected times: {', '.join(PROJECTION_GPUS)} (default H100)")
     audit.add_argument("--convolutions", action="store_true",
                        help="instead: the Bottleneck ResNets' stages (default resnet50) with the 1x1 convolutions "
-                            "fused, convolutions included, at the --gpu's tile plan (about 5 minutes)")
+                            "fused, convolutions included, at the --gpu's tile plan (about 7 minutes on 2 cores)")
     audit.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     audit.set_defaults(func=cmd_audit)
 
