@@ -488,6 +488,10 @@ def _pow2_between(n: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(n, 1))))
 
 
+# The most output rows a forward / dgrad tile takes (the audit's projection needs each tile full).
+GEMM_MAX_BLOCK_M = 128
+
+
 def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: str = "ieee",
                heavy_epilogue: bool = False, b_prologue: bool = False) -> GemmTiles:
     """The tiles of an [M, K] x [K, N] GEMM on ``target``, a deterministic rule.
@@ -510,7 +514,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     cuda = target.backend == "cuda"
     if cuda and dtype == torch.float32 and precision == "ieee":
         return GemmTiles(_pow2_between(M, 16, 64), _pow2_between(N, 16, 64), 16, 8, 8, 2)
-    block_m = _pow2_between(M, 16, 128)
+    block_m = _pow2_between(M, 16, GEMM_MAX_BLOCK_M)
     block_n = _pow2_between(N, 16, 64 if heavy_epilogue else 128)
     block_k = _pow2_between(K, 16, (128 if cuda else 64) // size)
     warps = 8 if (block_m * block_n >= 128 * 128 or b_prologue) else 4
@@ -600,21 +604,6 @@ def dgrad_wgrad_plan(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target
     size = torch.empty((), dtype=dtype).element_size()
     return (tiles, *wgrad_splits(M, N + N2, K, GemmTiles(tiles.block_m, N + N2, K), size, target,
                                  programs=DGRAD_WGRAD_PROGRAMS))
-
-
-def weight_grad_partials(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target, precision: str = "ieee",
-                         prologue: bool = False) -> list[tuple[int, int, int]]:
-    """(num_splits, C_out, C_in) of each fp32 weight-gradient partial buffer the training
-    backward of a 1x1 convolution over M rows writes (and ``split_sum_kernel`` reads):
-    with a second convolution of C_out N2 > 0 (no prologue) too, as
-    ``conv1x1_dgrad_wgrad`` plans them on ``target``."""
-    one_pass = dgrad_wgrad_plan(M, N, K, N2, dtype, target, precision, prologue)
-    if one_pass is not None:
-        return [(one_pass[1], N, K)] + ([(one_pass[1], N2, K)] if N2 else [])
-    out = [(wgrad_plan(M, N, K, dtype, target, precision, prologue)[1], N, K)]
-    if N2:
-        out.append((wgrad_plan(M, N2, K, dtype, target, precision)[1], N2, K))
-    return out
 
 
 _INTERPRETER_PLAN_TARGET = None
@@ -940,6 +929,7 @@ def conv1x1_dgrad_wgrad(
         raise ValueError("second is not supported with stride > 1")
     dy2, w2 = _second_operands(geo, dy, weight, second)
     N, K, N2 = geo.C_out, geo.C_in, (w2.shape[0] if second is not None else 0)
+    bias_grad2 = bias_grad2 and second is not None
     plan = dgrad_wgrad_plan(geo.M, N, K, N2, x.dtype, *_plan(x.dtype, allow_tf32, target),
                             prologue=prologue is not None)
     if plan is None:
@@ -966,7 +956,7 @@ def conv1x1_dgrad_wgrad(
         geo.M, N, K, N2, *geo.row_args(), weight.stride(0), weight.stride(1), w2.stride(0), w2.stride(1),
         rows_per_split,
         SAMPLED=geo.sampled, PROLOGUE=prologue is not None, P_HAS_WEIGHT=p_w, P_HAS_BIAS=p_b,
-        SECOND=second is not None, BIAS_GRAD=bias_grad, BIAS_GRAD2=bias_grad2 and second is not None,
+        SECOND=second is not None, BIAS_GRAD=bias_grad, BIAS_GRAD2=bias_grad2,
         INPUT_PRECISION=input_precision(x.dtype, allow_tf32, target),
         INTERPRETER_BF16=_interpreter_bf16(x.dtype, target),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_N2=dgrad_wgrad_block_n2(N2), BLOCK_K=tiles.block_k,

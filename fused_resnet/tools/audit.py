@@ -641,12 +641,12 @@ def weight_grad_partial_bytes(gemms: Sequence[dict], dtype: str, rows_scale: flo
     ``rows_scale`` times the rows."""
     from fused_resnet.kernels.conv1x1_bn import dgrad_wgrad_plan, input_precision, wgrad_plan
 
+    torch_dtype = DTYPES[canonical_dtype(dtype)]
+    precision = input_precision(torch_dtype, torch.backends.cudnn.allow_tf32, target)
     total = 0
     for g in gemms:
         splits = g["splits"]
         if target is not None:
-            torch_dtype = DTYPES[dtype]
-            precision = input_precision(torch_dtype, torch.backends.cudnn.allow_tf32, target)
             rows = max(1, round(g["M"] * rows_scale))
             if g["kernel"] == "conv1x1_wgrad_kernel":
                 splits = wgrad_plan(rows, g["N"], g["K"], torch_dtype, target, precision, g["prologue"])[1]
@@ -692,16 +692,16 @@ def project_conv_block(block: torch.nn.Module, batch: int, shape_hw: int, dtype:
 
     Measured by :func:`audit_conv_block` at measured_hw x measured_hw with the target's
     tile plan (``interpreter_plans_as``), at two batches whose output fills the largest
-    row tile (128 rows) at least once: every buffer then scales with the batch (the
-    activations, the per-tile statistics partials) or not at all (weights, per-channel
-    vectors), so each op's bytes are a line through the two, evaluated at the real
+    row tile (``GEMM_MAX_BLOCK_M`` rows) at least once: every buffer then scales with the
+    batch (the activations, the per-tile statistics partials) or not at all (weights,
+    per-channel vectors), so each op's bytes are a line through the two, evaluated at the real
     shape's pixel count. The weight-gradient partials are fixed per split count instead:
     they are taken out of the line and added back at the splits the launchers plan for
-    the real rows (:func:`weight_grad_partials`). The BatchNorm tails' reduction
+    the real rows (:func:`weight_grad_partial_bytes`). The BatchNorm tails' reduction
     partials, one per program at these sizes, scale here but not on a GPU: their bytes
     are overstated (a conservative figure)."""
     from fused_resnet.kernels.aot import TARGETS
-    from fused_resnet.kernels.conv1x1_bn import interpreter_plans_as
+    from fused_resnet.kernels.conv1x1_bn import GEMM_MAX_BLOCK_M, interpreter_plans_as
 
     _check_positive_ints(batch=batch, shape_hw=shape_hw, measured_hw=measured_hw)
     if plan not in TARGETS:
@@ -710,7 +710,7 @@ def project_conv_block(block: torch.nn.Module, batch: int, shape_hw: int, dtype:
     target = TARGETS[plan]
     stride = block.conv2.stride[0]
     out_pixels = ((measured_hw - 1) // stride + 1) ** 2
-    first = -(-128 // out_pixels)
+    first = -(-GEMM_MAX_BLOCK_M // out_pixels)
     measured = []
     with interpreter_plans_as(target):
         for b in (first, 2 * first):
@@ -788,8 +788,7 @@ def project_conv_stages(model: str = "resnet50", batch: int = 256, resolution: i
     for name, m in progress(blocks, len(blocks), "conv audit", show_progress):
         key = keys[name]
         if key not in distinct:
-            _, C, H, _ = key[0]
-            distinct[key] = project_conv_block(m, batch, H, dtype, plan)
+            distinct[key] = project_conv_block(m, batch, key[0][2], dtype, plan)
     stages = []
     for stage in STAGES[1:-1]:
         in_stage = [keys[name] for name, _ in blocks if name.startswith(stage + ".")]
