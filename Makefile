@@ -1,24 +1,47 @@
 # Everything the project needs is installed by these targets, from a fresh clone.
 PYTHON ?= python3
+# `python -m` would put the working directory first on sys.path, and from the checkout its
+# top-level kernels/ (installed as fused_resnet.kernels) would shadow Hugging Face's kernels
+# package, which transformers imports. Every recipe, and every Python they start, runs without it.
+export PYTHONSAFEPATH := 1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# The newest and the oldest torch / torchvision / triton that pyproject admits, each in
-# its own virtual environment: `make test` runs the first, `make test-oldest` the second.
+# Two locked environments, each in its own virtual environment: the newest torch /
+# torchvision / triton that pyproject admits (`make test`) and the oldest (`make
+# test-oldest`). constraints/*.in name the intent; constraints/*.txt pin every package the
+# test and bench extras pull in, as `make lock` froze them.
 CONSTRAINTS := constraints/newest.txt
 OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-stamp
 OLDEST_CONSTRAINTS := constraints/oldest.txt
+LATEST_VENV := .venv-latest
+LOCK_VENV := .venv-lock
 
-.PHONY: install install-oldest test test-oldest suite-torch suite-interpreter test-zoo test-aot test-fast test-interpreter demo gpu bench clean
+.PHONY: install install-oldest test test-oldest test-latest lock suite-torch suite-interpreter test-zoo test-aot test-fast test-interpreter demo gpu bench clean
 
-# $(1): the virtual environment, $(2): its constraints file.
+# $(1): the virtual environment, $(2): its lock file. Everything, pip and setuptools
+# included, comes at the locked version; the package builds with the venv's setuptools.
 define make_venv
 	$(PYTHON) -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip wheel
+	$(1)/bin/python -m pip install -q -c $(2) --upgrade pip setuptools wheel
 	$(1)/bin/python -m pip install -q -c $(2) torch torchvision triton
-	$(1)/bin/python -m pip install -q -c $(2) -e '.[test,bench]'
+	$(1)/bin/python -m pip install -q -c $(2) --no-build-isolation -e '.[test,bench]'
 	touch $(1)/.installed-stamp
+endef
+
+# $(1): the intent (constraints/*.in), $(2): the lock file it writes. A clean venv takes
+# what the registry serves today within the intent; its `pip freeze` becomes the lock.
+define write_lock
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/python -m pip install -q -c $(1) torch torchvision triton
+	$(LOCK_VENV)/bin/python -m pip install -q -c $(1) --no-build-isolation '.[test,bench]'
+	{ echo "# Written by make lock from $(1) on $$(date -u +%Y-%m-%d): every package make test's"; \
+	  echo "# venv installs, at the version CI passed with. Edit $(1), not this file."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude fused-resnet; } > $(2)
+	rm -rf $(LOCK_VENV)
 endef
 
 # $(1): the virtual environment. Two chains run side by side (the 2-core machine would
@@ -57,6 +80,22 @@ test: $(STAMP)
 test-oldest: $(OLDEST_STAMP)
 	$(call run_suite,$(OLDEST_VENV))
 
+# Regenerate both locks from a clean venv each, on purpose (a new torch, a test dependency
+# to move); then run make test and make test-oldest before committing them.
+lock:
+	$(call write_lock,constraints/newest.in,constraints/newest.txt)
+	$(call write_lock,constraints/oldest.in,constraints/oldest.txt)
+
+# Not in CI: the whole suite on the newest packages the registry serves today, nothing
+# locked but what pyproject admits, so that the next upstream change is found here first.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test,bench]'
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude fused-resnet > $(LATEST_VENV)/versions.txt
+	$(call run_suite,$(LATEST_VENV))
+
 # convert() over the whole model zoo (timm, torchvision, transformers): parity and the
 # count of tails left unfused; make test runs a representative subset (tests marked zoo).
 test-zoo: $(STAMP)
@@ -91,4 +130,4 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(OLDEST_VENV) $(LATEST_VENV) $(LOCK_VENV) build *.egg-info .pytest_cache .benchmarks

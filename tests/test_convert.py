@@ -990,7 +990,7 @@ def test_fold_bn_after_a_cross_module_rewrite():
 
 
 def _norm_act(**kwargs):
-    norm_act = pytest.importorskip("timm.layers.norm_act", reason="timm is an optional test dependency")
+    from timm.layers import norm_act
     return norm_act.BatchNormAct2d(4, **kwargs)
 
 

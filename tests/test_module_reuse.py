@@ -133,7 +133,7 @@ def test_functional_ops_share_running_statistics_in_eval():
 
 def test_converted_block_shared_between_two_views():
     """A converted BasicBlock in eval (frozen statistics, trainable weights), two views."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
     block = torchvision.models.resnet.BasicBlock(SHAPE[1], SHAPE[1]).to(DEVICE)
     for i, bn in enumerate((block.bn1, block.bn2)):
         bn.load_state_dict(_bn(i).state_dict())

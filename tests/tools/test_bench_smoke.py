@@ -15,7 +15,6 @@ import torch
 
 from fused_resnet.tools import bench, common, kernel_bench
 
-pytest.importorskip("torchvision")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -74,7 +73,6 @@ def test_run_bench_reports_cpu_figures_as_cpu_figures(tmp_path):
     assert data["machine"]["torch"] == torch.__version__
     common.write_json(str(tmp_path / "b.json"), data)
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["input_shape"] == [2, 3, 32, 32]
-    pytest.importorskip("matplotlib")
     bench.write_plot(str(tmp_path / "b.png"), results, info)
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

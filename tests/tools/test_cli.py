@@ -14,7 +14,6 @@ import torch
 
 from fused_resnet.tools import cli
 
-pytest.importorskip("torchvision")
 TINY = ["--batch", "2", "--resolution", "32", "--no-progress"]
 # check: 4 images at 64x64 leave layer4 16 values per channel; fewer makes training-mode
 # BatchNorm so ill-conditioned that fp32 itself loses digits.
@@ -74,7 +73,6 @@ def test_check_fails_and_exits_1_when_the_fused_model_differs(monkeypatch, capsy
 
 
 def test_bench_writes_the_table_json_and_chart(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
     assert cli.main(["bench", "--model", "resnet18", "--stages", "stem,all", "--modes", "eval", "--iters", "1",
                      "--warmup", "0", "--json", str(json_path), "--plot", str(png_path), *TINY]) == 0

@@ -8,7 +8,6 @@ model (0 left) needs the Triton path and is in the TRITON_INTERPRET=1 process.
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_resnet.convert import convert
-from fused_resnet.tools.common import MissingDependency
 from fused_resnet.tools.coverage import (CoverageRow, TailCount, build_model, count_tails, coverage, example_input,
                                          format_coverage, output_tensors, triton_path_available)
 
@@ -99,8 +97,7 @@ def test_a_converted_model_on_the_cpu_path_runs_every_tail_as_aten_ops():
 
 @pytest.mark.interpreter
 def test_coverage_table_of_converted_models():
-    pytest.importorskip("timm", reason="timm is an optional test dependency")
-    built = ["resnet18"] + (["hf:resnet-18"] if importlib.util.find_spec("transformers") else [])
+    built = ["resnet18", "hf:resnet-18"]
     rows = coverage(built + ["timm:no_such_model"])
     by_name = {row.model: row for row in rows}
     for name in built:
@@ -131,10 +128,7 @@ def test_build_model_names():
         build_model("hf:resnet-19")
     with pytest.raises(ValueError, match="model must be a non-empty name"):
         build_model("")
-    try:
-        model = build_model("hf:resnet-18")
-    except MissingDependency as exc:
-        pytest.skip(str(exc))
+    model = build_model("hf:resnet-18")
     assert model.config.layer_type == "basic" and model.config.depths == [2, 2, 2, 2]
     assert [t.shape for t in output_tensors(model.eval()(torch.randn(1, 3, 32, 32)))] == [(1, 512, 1, 1)] * 2
 
