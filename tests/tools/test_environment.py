@@ -51,7 +51,7 @@ def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
 def test_hugging_face_kernels_is_installed_and_is_not_ours():
     proc = _run([sys.executable, "-P", "-c", "import kernels; print(kernels.__file__)"])
     assert proc.returncode == 0, proc.stderr
-    assert not pathlib.Path(proc.stdout.strip()).is_relative_to(CHECKOUT), proc.stdout
+    assert pathlib.Path(proc.stdout.strip()).parent != CHECKOUT / "kernels", proc.stdout
 
 
 def _fused_resnet(how: str) -> list[str]:
