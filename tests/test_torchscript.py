@@ -28,6 +28,7 @@ MODELS = {
     "bottleneck_downsample": lambda: tv.Bottleneck(
         16, 4, stride=2, downsample=nn.Sequential(nn.Conv2d(16, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
     "d2l_residual": lambda: Residual(16, 8, use_1x1conv=True, strides=2),
+    "d2l_residual_identity": lambda: Residual(16, 16),
     # torchvision RegNet: convert rewrites its blocks with torch.fx, the shortcut's BatchNorm
     # passed to the fused module as an argument, and a Sequential still holding that module.
     "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),

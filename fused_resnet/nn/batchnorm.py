@@ -116,6 +116,10 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
                             self.running_var if not self.training or self.track_running_stats else None,
                             self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
 
+    def scripted_batch_norm(self, input: Tensor) -> Tensor:
+        """The BatchNorm of the scripted forwards (the sync modules refuse training here)."""
+        return self.batch_norm_forward(input)
+
     @classmethod
     def from_batchnorm(cls: type[_BN], bn: nn.BatchNorm2d) -> _BN:
         """A ``cls`` computing with ``bn``'s own parameters and buffers (the same tensors).
@@ -158,7 +162,7 @@ class BatchNormReLU2d(_AppliesReLU, FusedBatchNorm2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return torch.relu(self.batch_norm_forward(input))
+            return torch.relu(self.scripted_batch_norm(input))
         return self._fused_forward(input)
 
     @torch.jit.unused
@@ -199,11 +203,11 @@ class BatchNormAddReLU2d(_AppliesReLU, FusedBatchNorm2d):
         that still holds this module after ``convert`` rewrote its parent to call it
         directly. ``residual_bn``: None or the shortcut's BatchNorm."""
         if residual is None:
-            raise TypeError("BatchNormAddReLU2d.forward() missing required argument 'residual'")
+            raise TypeError("forward() missing required argument 'residual'")
         if torch.jit.is_scripting():
             if residual_bn is not None:
                 residual = residual_bn.forward(residual)  # TorchScript calls an interface by its method
-            return torch.relu(self.batch_norm_forward(input) + residual)
+            return torch.relu(self.scripted_batch_norm(input) + residual)
         return self._fused_forward(input, residual, residual_bn)
 
     @torch.jit.unused

@@ -134,6 +134,18 @@ class _FusedResidualBlock(nn.Module):
         """The block's eager sequence in TorchScript; every subclass writes its own."""
         raise NotImplementedError(f"{type(self).__name__} cannot be scripted")
 
+    def scripted_two_stages(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)`` in TorchScript, for the blocks
+        with those attributes (TorchScript's hasattr is resolved when compiling: the branch
+        not taken is not compiled)."""
+        out = self.bn1(self.conv1(x))
+        if not hasattr(self.bn1, "scripted_applies_relu"):
+            out = torch.relu(out)
+        out = self.conv2(out)
+        if hasattr(self.bn2, "scripted_applies_relu"):
+            return self.bn2(out, identity)
+        return torch.relu(self.bn2(out) + identity)
+
     @torch.jit.unused
     def _fused_forward(self, x: Tensor) -> Tensor:
         out = x
@@ -249,17 +261,7 @@ class FusedBasicBlock(_FusedResidualBlock):
         self._fuse_norms()
 
     def scripted_forward(self, x: Tensor) -> Tensor:
-        # TorchScript's hasattr is resolved when compiling: the untaken branch is not compiled.
-        out = self.bn1(self.conv1(x))
-        if not hasattr(self.bn1, "scripted_applies_relu"):
-            out = torch.relu(out)
-        out = self.conv2(out)
-        identity = x
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        if hasattr(self.bn2, "scripted_applies_relu"):
-            return self.bn2(out, identity)
-        return torch.relu(self.bn2(out) + identity)
+        return self.scripted_two_stages(x, x if self.downsample is None else self.downsample(x))
 
 
 class FusedBottleneck(_FusedResidualBlock):
@@ -359,16 +361,7 @@ class FusedResidual(_FusedResidualBlock):
         self._fuse_norms()
 
     def scripted_forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(self.conv1(x))
-        if not hasattr(self.bn1, "scripted_applies_relu"):
-            out = torch.relu(out)
-        out = self.conv2(out)
-        identity = x
-        if self.conv3 is not None:
-            identity = self.conv3(x)
-        if hasattr(self.bn2, "scripted_applies_relu"):
-            return self.bn2(out, identity)
-        return torch.relu(self.bn2(out) + identity)
+        return self.scripted_two_stages(x, x if self.conv3 is None else self.conv3(x))
 
 
 # ------------------------------------------------------------------ the 1x1-convolution GEMM path

@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from ..kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE
 from ..sync_batchnorm import resolve_group, sync_batch_norm_add_relu, sync_world_size
-from .batchnorm import (BatchNormAddReLU2d, BatchNormReLU2d, FusedBatchNorm2d, ShortcutNorm, batch_norm_arguments,
-                        has_hooks)
+from .batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, FusedBatchNorm2d, batch_norm_arguments, has_hooks
 
 __all__ = ["SyncBatchNorm2d", "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "convert_sync_batchnorm"]
 
@@ -75,11 +74,12 @@ class _SyncMixin:
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def _refuse_scripted_training(self) -> None:
+    def scripted_batch_norm(self, input: Tensor) -> Tensor:
         # TorchScript cannot run the collectives: a scripted module would silently use local statistics.
         if self.training:
             raise RuntimeError("a scripted fused SyncBatchNorm module cannot synchronise statistics in training: "
                                "script the model in eval mode, or before convert_sync_batchnorm")
+        return self.batch_norm_forward(input)
 
     def _syncs(self) -> bool:
         """True when this forward synchronises statistics (nn.SyncBatchNorm's need_sync)."""
@@ -96,12 +96,6 @@ class SyncBatchNormReLU2d(_SyncMixin, BatchNormReLU2d):
     state_dict keys as :class:`torch.nn.BatchNorm2d`. Every process of the group must call
     it in training (one ``all_gather`` forward, one ``all_reduce`` backward).
     """
-
-    def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            self._refuse_scripted_training()
-            return torch.relu(self.batch_norm_forward(input))
-        return self._fused_forward(input)
 
     @torch.jit.unused
     def _fused_forward(self, input: Tensor) -> Tensor:
@@ -127,8 +121,7 @@ class SyncBatchNorm2d(_SyncMixin, FusedBatchNorm2d):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            self._refuse_scripted_training()
-            return self.batch_norm_forward(input)
+            return self.scripted_batch_norm(input)
         return self._synchronised_forward(input)
 
     @torch.jit.unused
@@ -160,17 +153,6 @@ class SyncBatchNormAddReLU2d(_SyncMixin, BatchNormAddReLU2d):
     def can_fuse_residual_bn(residual_bn: Any) -> bool:
         """True for a shortcut BatchNorm this module computes itself (its math is known)."""
         return type(residual_bn) in _SHORTCUT_BATCHNORMS and not has_hooks(residual_bn)
-
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
-                residual_bn: Optional[ShortcutNorm] = None) -> Tensor:
-        if residual is None:  # required (see BatchNormAddReLU2d.forward)
-            raise TypeError("SyncBatchNormAddReLU2d.forward() missing required argument 'residual'")
-        if torch.jit.is_scripting():
-            self._refuse_scripted_training()
-            if residual_bn is not None:
-                residual = residual_bn.forward(residual)  # TorchScript calls an interface by its method
-            return torch.relu(self.batch_norm_forward(input) + residual)
-        return self._fused_forward(input, residual, residual_bn)
 
     @torch.jit.unused
     def _fused_forward(self, input: Tensor, residual: Tensor, residual_bn: Optional[nn.Module]) -> Tensor:
