@@ -15,14 +15,13 @@ every BatchNorm but the last is a :class:`BatchNormReLU2d`, the last a
 (torchvision's ``downsample``) has its BatchNorm fused into the last op as well, so it
 costs no pass of its own. Every fused call goes through a norm module's ``forward``
 (never the functional ops), so subclasses of the fused BatchNorms (a SyncBatchNorm
-variant) plug in by overriding ``forward`` only.
+variant) plug in by overriding its eager half, ``_fused_forward``, only.
 
 A norm that is not a plain ``nn.BatchNorm2d`` (a custom ``norm_layer``) is kept as it is
 and followed by a separate add / ReLU, exactly as the torchvision block computes it.
 
-Under ``torch.jit.script`` each block's ``scripted_forward`` runs instead: the eager
-sequence, written out per block (TorchScript cannot loop over attribute names), with the
-shortcut run whole and the fused norms taking their own scripted branch.
+Under ``torch.jit.script`` a block runs ``scripted_forward``: its eager sequence, written
+out per block (TorchScript cannot loop over attribute names).
 """
 from __future__ import annotations
 
@@ -135,9 +134,8 @@ class _FusedResidualBlock(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be scripted")
 
     def scripted_two_stages(self, x: Tensor, identity: Tensor) -> Tensor:
-        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)`` in TorchScript, for the blocks
-        with those attributes (TorchScript's hasattr is resolved when compiling: the branch
-        not taken is not compiled)."""
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)`` in TorchScript (whose hasattr is
+        resolved when compiling: the branch not taken is not compiled)."""
         out = self.bn1(self.conv1(x))
         if not hasattr(self.bn1, "scripted_applies_relu"):
             out = torch.relu(out)
@@ -310,9 +308,7 @@ class FusedBottleneck(_FusedResidualBlock):
         if not hasattr(self.bn2, "scripted_applies_relu"):
             out = torch.relu(out)
         out = self.conv3(out)
-        identity = x
-        if self.downsample is not None:
-            identity = self.downsample(x)
+        identity = x if self.downsample is None else self.downsample(x)
         if hasattr(self.bn3, "scripted_applies_relu"):
             return self.bn3(out, identity)
         return torch.relu(self.bn3(out) + identity)
