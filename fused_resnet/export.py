@@ -14,6 +14,8 @@ they compute (``batch_norm`` / ``add`` / ``relu``), which every runtime knows:
   Inductor want). For a graph of standard ops, export inside :func:`standard_ops`.
 - ``torch.jit.script``: the fused modules and blocks script to their eager sequence
   (their ``forward`` takes that branch under ``torch.jit.is_scripting()``).
+  ``torch.jit.trace`` records the fused ops' autograd Function on the Triton path (a
+  Python op, which ``torch.jit.save`` cannot store); inside :func:`standard_ops`, ATen's.
 """
 from __future__ import annotations
 

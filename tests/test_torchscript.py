@@ -9,6 +9,7 @@ as before; traced, the model gives the converted model's own numbers.
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from torchvision.models import resnet as tv
 
 import fused_resnet
+from fused_resnet.export import standard_ops
 from fused_resnet.nn import SyncBatchNormReLU2d, convert_sync_batchnorm
 from reference import TRITON_PATH
 from seed_blocks import Residual, assert_results_match, forward_backward, randomize_batchnorms
@@ -85,6 +87,16 @@ def test_trace_keeps_working():
     with torch.no_grad():
         torch.testing.assert_close(traced(x), converted(x), atol=0, rtol=0)
         torch.testing.assert_close(traced(x), original.eval()(x), atol=1e-5, rtol=1e-5)
+    # Inside standard_ops() a trace holds ATen's ops on every path (so torch.jit.save can store it).
+    with standard_ops():
+        traced = torch.jit.trace(converted, (x,))
+    graph = str(traced.inlined_graph)
+    assert "aten::batch_norm" in graph and "BnAddReLUFunction" not in graph
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(buffer)(x), original(x), atol=0, rtol=0)
 
 
 def test_scripted_sync_modules_refuse_training_and_run_eval():
