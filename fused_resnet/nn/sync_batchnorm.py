@@ -225,7 +225,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
         out = _sync_twin(SyncBatchNormAddReLU2d, module, process_group)
     elif isinstance(module, BatchNormReLU2d):
         out = _sync_twin(SyncBatchNormReLU2d, module, process_group)
-    elif isinstance(module, nn.BatchNorm2d) and not isinstance(module, nn.SyncBatchNorm):
+    elif isinstance(module, nn.BatchNorm2d):
         out = _sync_twin(SyncBatchNorm2d, module, process_group)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         out = _sync_twin(nn.SyncBatchNorm, module, process_group)
