@@ -6,11 +6,14 @@
 - Other CPU tensors, and float64 anywhere (the kernels compute in fp32, which would
   lose what float64 is asked for): ATen's own batch_norm / relu kernels, in place where
   eager PyTorch would allocate, so never slower than the unfused eager sequence.
+- While exporting to ONNX (either exporter) or inside ``fused_resnet.export.standard_ops()``,
+  every tensor takes that ATen sequence, so the tracer records standard ops.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -36,9 +39,27 @@ def interpreter_incompatibility() -> Optional[str]:
     return None
 
 
+# How many fused_resnet.export.standard_ops() blocks are open (the ops take ATen's sequence).
+standard_ops_depth = 0
+
+
+def standard_ops_wanted() -> bool:
+    """True while the ops must be recorded as ATen's sequence: inside ``standard_ops()``, or
+    during ``torch.onnx.export`` (both exporters set ``is_in_onnx_export``; ONNX has no
+    translation of the fused ops)."""
+    if standard_ops_depth:
+        return True
+    onnx = sys.modules.get("torch.onnx")  # not imported: certainly not exporting
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True where ``t``'s op runs through the Triton kernels."""
     if t.dtype == torch.float64:
+        return False
+    # Dynamo (torch.compile) keeps the fused ops; torch.export's non-strict tracing, which
+    # the ONNX exporter runs, is plain Python and sees the flag.
+    if not torch.compiler.is_dynamo_compiling() and standard_ops_wanted():
         return False
     if t.device.type == "cuda":
         return True

@@ -9,6 +9,8 @@
   (``batch_norm_stats`` and friends) CPU implementations that follow the CUDA kernels'
   math (computed in float64), and, inside the block, lets its device check accept "cpu".
 - :class:`CollectiveCounter` counts the collectives issued inside a block.
+- :func:`global_batch` / :func:`local_rows`: one global float64 batch, the same on every
+  rank, and the rows a rank takes of it.
 """
 from __future__ import annotations
 
@@ -54,6 +56,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> List[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_entry, args=(fn, world_size, free_port(), out_dir, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def global_batch(sizes, seed, mean=0.0, std=1.0, shape=(5, 3, 4)):
+    """The concatenated batch of every rank (float64), the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((sum(sizes),) + tuple(shape), generator=g, dtype=torch.float64) * std + mean
+
+
+def local_rows(sizes, rank):
+    lo = sum(sizes[:rank])
+    return slice(lo, lo + sizes[rank])
 
 
 # ---------------------------------------------------- nn.SyncBatchNorm on CPU, as the reference

@@ -25,12 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distributed_helpers import CollectiveCounter, cpu_sync_batchnorm, run_distributed
+from distributed_helpers import CollectiveCounter, cpu_sync_batchnorm, global_batch, local_rows, run_distributed
 from reference import forbid_host_sync
 from fused_resnet import backend
 from fused_resnet.nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck
-from fused_resnet.nn.sync_batchnorm import SyncBatchNormAddReLU2d, SyncBatchNormReLU2d, convert_sync_batchnorm
+from fused_resnet.nn.sync_batchnorm import (SyncBatchNorm2d, SyncBatchNormAddReLU2d, SyncBatchNormReLU2d,
+                                            convert_sync_batchnorm)
 from fused_resnet.sync_batchnorm import sync_bn_add_relu, sync_bn_relu
 
 # (atol, rtol), fp32: activations and input gradients; per-channel sums (parameter
@@ -84,17 +85,6 @@ def twin(cls, bn, **kwargs):
     out = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **kwargs)
     out.load_state_dict(bn.state_dict())
     return out
-
-
-def global_batch(sizes, seed, mean=0.0, std=1.0, shape=(C, H, W)):
-    """The concatenated batch of every rank (float64), the same on every rank."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((sum(sizes),) + tuple(shape), generator=g, dtype=torch.float64) * std + mean
-
-
-def local_rows(sizes, rank):
-    lo = sum(sizes[:rank])
-    return slice(lo, lo + sizes[rank])
 
 
 def leaf(t, channels_last=False):
@@ -328,7 +318,7 @@ def model_worker(rank, world) -> Dict[str, float]:
         check("ddp/eval/y", ddp(x_full[rows].float()), full(x_full[rows]), PARAM_TOL)
 
     # 2. A torchvision-style block with a (conv, BatchNorm2d) shortcut: after the
-    #    conversion the shortcut is an nn.SyncBatchNorm, synchronised with the block.
+    #    conversion the shortcut is a SyncBatchNorm2d, synchronised with the block.
     torch.manual_seed(4)
     block = FusedBasicBlock(3, 8, stride=2, downsample=nn.Sequential(nn.Conv2d(3, 8, 1, 2, bias=False),
                                                                      nn.BatchNorm2d(8)))
@@ -337,7 +327,7 @@ def model_worker(rank, world) -> Dict[str, float]:
             init_bn(m, 20 + i)
     full = defused(block)
     block = convert_sync_batchnorm(block)
-    assert type(block.downsample[1]) is nn.SyncBatchNorm and type(block.bn2) is SyncBatchNormAddReLU2d
+    assert type(block.downsample[1]) is SyncBatchNorm2d and type(block.bn2) is SyncBatchNormAddReLU2d
     x = leaf(x_full[rows])
     with cpu_sync_batchnorm():  # in case the block runs the shortcut's nn.SyncBatchNorm itself
         y = block(x)
@@ -383,10 +373,20 @@ def model_worker(rank, world) -> Dict[str, float]:
     return check.max_err
 
 
+def model_and_resnet_worker(rank, world):
+    from test_ddp_resnet import resnet_ddp_worker
+
+    return model_worker(rank, world), resnet_ddp_worker(rank, world)
+
+
 @pytest.mark.parametrize("world", [4])
 def test_ddp_converted_models_process_groups_and_fallback(world):
-    errors = run_distributed(model_worker, world)
+    """model_worker's checks, and DDP around a converted torchvision resnet18 (world 4)."""
+    from test_ddp_resnet import check_resnet_ddp_errors
+
+    errors, resnet_errors = zip(*run_distributed(model_and_resnet_worker, world))
     print(f"\nmax abs error (world {world}): {max(max(e.values()) for e in errors):.2e}")
+    check_resnet_ddp_errors(resnet_errors, world)
 
 
 # --------------------------------------------------------------- Triton path (interpreter)
@@ -402,6 +402,28 @@ def triton_worker(rank, world) -> Dict[str, float]:
     for i, (tag, config) in enumerate(configs.items()):
         for op in ("relu", "add", "add_bn"):
             (run_twice if i == 0 else run_op)(rank, world, op, check, tag, **config)
+    # DDP around a converted torchvision block with a (conv, BatchNorm2d) downsample.
+    from torchvision.models import resnet as tv
+
+    import fused_resnet
+
+    torch.manual_seed(5)
+    block = tv.BasicBlock(3, 4, stride=2, downsample=nn.Sequential(nn.Conv2d(3, 4, 1, 2, bias=False),
+                                                                   nn.BatchNorm2d(4)))
+    for i, m in enumerate(block.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            init_bn(m, 40 + i)
+    full = copy.deepcopy(block).double()
+    ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(fused_resnet.convert(block)))
+    sizes = [2, 1]
+    x_full, w_full = global_batch(sizes, 50, shape=(3, 4, 4)), global_batch(sizes, 51, shape=(4, 2, 2))
+    rows = local_rows(sizes, rank)
+    (ddp(x_full[rows].float()) * w_full[rows].float()).sum().backward()
+    ((full(x_full) * w_full).sum() / world).backward()
+    for (name, p), p64 in zip(ddp.module.named_parameters(), full.parameters()):
+        check(f"ddp_block/grad/{name}", p.grad, p64.grad, PARAM_TOL)
+    for (name, b), b64 in zip(ddp.module.named_buffers(), full.buffers()):
+        check(f"ddp_block/buffer/{name}", b, b64, PARAM_TOL)
     # No value is read on the host in forward or backward, momentum=None included.
     bn = init_bn(SyncBatchNormAddReLU2d(C, momentum=None), 1)
     bn_r = init_bn(nn.SyncBatchNorm(C, momentum=None), 2)
@@ -463,7 +485,8 @@ def test_convert_sync_batchnorm_keeps_tensors_modes_and_qconfig():
     assert out is model
     assert type(model[1]) is SyncBatchNormReLU2d and type(model[2].bn1) is SyncBatchNormReLU2d
     assert type(model[2].bn2) is SyncBatchNormAddReLU2d
-    assert type(model[3]) is nn.SyncBatchNorm and type(model[4]) is nn.SyncBatchNorm
+    # A plain BatchNorm2d becomes the fused package's SyncBatchNorm2d (DDP takes it on CPU), others torch's.
+    assert type(model[3]) is SyncBatchNorm2d and type(model[4]) is nn.SyncBatchNorm
     assert all(m.process_group is group for m in model.modules() if hasattr(m, "process_group"))
     after = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)

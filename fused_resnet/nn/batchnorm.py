@@ -7,21 +7,26 @@
 
 Both keep ``nn.BatchNorm2d``'s constructor, parameters, buffers, state_dict keys and
 train/eval behaviour; only ``forward`` differs. A module that fuses the ReLU says so
-with the class attribute ``applies_relu = True``, which the fused blocks read.
+with the class attribute ``applies_relu = True``, which the fused blocks read (and, for
+TorchScript, which sees methods but not class attributes, the method
+``scripted_applies_relu``). Under ``torch.jit.script`` their forward is the eager
+sequence (``nn.BatchNorm2d.forward``, the add, ``torch.relu``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bn_add_relu import bn_add_bn_relu, bn_add_relu, bn_relu
 
-__all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "batch_norm_arguments", "has_hooks", "is_plain_batchnorm",
+__all__ = ["BatchNormAddReLU2d", "BatchNormReLU2d", "FusedBatchNorm2d", "ShortcutNorm", "batch_norm_arguments", "has_hooks", "is_plain_batchnorm",
            "plain_batchnorm", "residual_matches"]
 
-_BN = TypeVar("_BN", bound="nn.BatchNorm2d")
+_BN = TypeVar("_BN", bound="FusedBatchNorm2d")
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -87,10 +92,33 @@ def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> Dict[str, Any]:
     )
 
 
-class _FusedBatchNorm2d(nn.BatchNorm2d):
-    """What the two fused BatchNorms share: the conversion from an existing BatchNorm2d."""
+class FusedBatchNorm2d(nn.BatchNorm2d):
+    """What the fused BatchNorms share: the conversion from an existing BatchNorm2d, and
+    ``nn.BatchNorm2d``'s own forward as ``batch_norm_forward``."""
 
     applies_relu = True
+
+    def batch_norm_forward(self, input: Tensor) -> Tensor:
+        """``nn.BatchNorm2d.forward``, line for line (torch's ``_BatchNorm.forward``): the
+        scripted forwards call it, since TorchScript cannot compile ``super()`` nor an alias
+        of another class's ``forward``."""
+        self._check_input_dim(input)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        bn_training = True if self.training else (self.running_mean is None) and (self.running_var is None)
+        return F.batch_norm(input, self.running_mean if not self.training or self.track_running_stats else None,
+                            self.running_var if not self.training or self.track_running_stats else None,
+                            self.weight, self.bias, bn_training, exponential_average_factor, self.eps)
+
+    def scripted_batch_norm(self, input: Tensor) -> Tensor:
+        """The BatchNorm of the scripted forwards (the sync modules refuse training here)."""
+        return self.batch_norm_forward(input)
 
     @classmethod
     def from_batchnorm(cls: type[_BN], bn: nn.BatchNorm2d) -> _BN:
@@ -103,7 +131,29 @@ class _FusedBatchNorm2d(nn.BatchNorm2d):
         return rebuilt_as(cls, bn)
 
 
-class BatchNormReLU2d(_FusedBatchNorm2d):
+class ShortcutNorm(nn.Module):
+    """TorchScript's type of the ``residual_bn`` argument: a module called on one tensor
+    (TorchScript takes no plain module argument; an interface it takes, and calls by
+    ``.forward``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        pass
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, at every import
+    ShortcutNorm = torch.jit.interface(ShortcutNorm)
+
+
+class _AppliesReLU:
+    """Marks, for TorchScript's ``hasattr``, a module that applies the block's ReLU itself."""
+
+    @torch.jit.export
+    def scripted_applies_relu(self) -> bool:
+        return True
+
+
+class BatchNormReLU2d(_AppliesReLU, FusedBatchNorm2d):
     """``relu(nn.BatchNorm2d(x))`` in one fused op (``fused_resnet.bn_relu``).
 
     Same constructor, parameters, buffers, state_dict keys and train/eval behaviour as
@@ -111,6 +161,12 @@ class BatchNormReLU2d(_FusedBatchNorm2d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return torch.relu(self.scripted_batch_norm(input))
+        return self._fused_forward(input)
+
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         return bn_relu(input, **batch_norm_arguments(self))
 
@@ -121,7 +177,7 @@ def residual_matches(residual: Any, input: Tensor) -> bool:
             and residual.dtype == input.dtype and residual.device == input.device)
 
 
-class BatchNormAddReLU2d(_FusedBatchNorm2d):
+class BatchNormAddReLU2d(_AppliesReLU, FusedBatchNorm2d):
     """``relu(nn.BatchNorm2d(x) + residual)`` in one fused op (``fused_resnet.bn_add_relu``).
 
     With ``residual_bn`` (the shortcut's own BatchNorm, e.g. ``downsample[1]`` of a
@@ -141,7 +197,21 @@ class BatchNormAddReLU2d(_FusedBatchNorm2d):
         """
         return is_plain_batchnorm(residual_bn)
 
-    def forward(self, input: Tensor, residual: Tensor, residual_bn: Optional[nn.BatchNorm2d] = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                residual_bn: Optional[ShortcutNorm] = None) -> Tensor:
+        """``residual`` is required; its default only lets TorchScript compile a container
+        that still holds this module after ``convert`` rewrote its parent to call it
+        directly. ``residual_bn``: None or the shortcut's BatchNorm."""
+        if residual is None:
+            raise TypeError("forward() missing required argument 'residual'")
+        if torch.jit.is_scripting():
+            if residual_bn is not None:
+                residual = residual_bn.forward(residual)  # TorchScript calls an interface by its method
+            return torch.relu(self.scripted_batch_norm(input) + residual)
+        return self._fused_forward(input, residual, residual_bn)
+
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor, residual: Tensor, residual_bn: Optional[nn.Module]) -> Tensor:
         self._check_input_dim(input)
         if residual_bn is not None and not isinstance(residual_bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"residual_bn must be an nn.BatchNorm2d or None, got {type(residual_bn).__name__}")

@@ -15,10 +15,13 @@ every BatchNorm but the last is a :class:`BatchNormReLU2d`, the last a
 (torchvision's ``downsample``) has its BatchNorm fused into the last op as well, so it
 costs no pass of its own. Every fused call goes through a norm module's ``forward``
 (never the functional ops), so subclasses of the fused BatchNorms (a SyncBatchNorm
-variant) plug in by overriding ``forward`` only.
+variant) plug in by overriding its eager half, ``_fused_forward``, only.
 
 A norm that is not a plain ``nn.BatchNorm2d`` (a custom ``norm_layer``) is kept as it is
 and followed by a separate add / ReLU, exactly as the torchvision block computes it.
+
+Under ``torch.jit.script`` a block runs ``scripted_forward``: its eager sequence, written
+out per block (TorchScript cannot loop over attribute names).
 """
 from __future__ import annotations
 
@@ -121,6 +124,28 @@ class _FusedResidualBlock(nn.Module):
     extra_attributes: Tuple[str, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.scripted_forward(x)
+        return self._fused_forward(x)
+
+    @torch.jit.unused
+    def scripted_forward(self, x: Tensor) -> Tensor:
+        """The block's eager sequence in TorchScript; every subclass writes its own."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be scripted")
+
+    def scripted_two_stages(self, x: Tensor, identity: Tensor) -> Tensor:
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + identity)`` in TorchScript (whose hasattr is
+        resolved when compiling: the branch not taken is not compiled)."""
+        out = self.bn1(self.conv1(x))
+        if not hasattr(self.bn1, "scripted_applies_relu"):
+            out = torch.relu(out)
+        out = self.conv2(out)
+        if hasattr(self.bn2, "scripted_applies_relu"):
+            return self.bn2(out, identity)
+        return torch.relu(self.bn2(out) + identity)
+
+    @torch.jit.unused
+    def _fused_forward(self, x: Tensor) -> Tensor:
         out = x
         for conv, norm in self.stages[:-1]:
             out = norm_relu(getattr(self, norm), getattr(self, conv)(out))
@@ -233,6 +258,9 @@ class FusedBasicBlock(_FusedResidualBlock):
         self.stride = stride
         self._fuse_norms()
 
+    def scripted_forward(self, x: Tensor) -> Tensor:
+        return self.scripted_two_stages(x, x if self.downsample is None else self.downsample(x))
+
 
 class FusedBottleneck(_FusedResidualBlock):
     """``torchvision.models.resnet.Bottleneck`` (ResNet v1.5) with its BatchNorm tails fused.
@@ -271,6 +299,19 @@ class FusedBottleneck(_FusedResidualBlock):
         self.downsample = downsample
         self.stride = stride
         self._fuse_norms()
+
+    def scripted_forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(self.conv1(x))
+        if not hasattr(self.bn1, "scripted_applies_relu"):
+            out = torch.relu(out)
+        out = self.bn2(self.conv2(out))
+        if not hasattr(self.bn2, "scripted_applies_relu"):
+            out = torch.relu(out)
+        out = self.conv3(out)
+        identity = x if self.downsample is None else self.downsample(x)
+        if hasattr(self.bn3, "scripted_applies_relu"):
+            return self.bn3(out, identity)
+        return torch.relu(self.bn3(out) + identity)
 
     @classmethod
     def from_block(cls, block: nn.Module, *, verify: bool = True, fuse_convolutions: bool = False) -> "FusedBottleneck":
@@ -314,6 +355,9 @@ class FusedResidual(_FusedResidualBlock):
         self.bn1 = nn.BatchNorm2d(num_channels)
         self.bn2 = nn.BatchNorm2d(num_channels)
         self._fuse_norms()
+
+    def scripted_forward(self, x: Tensor) -> Tensor:
+        return self.scripted_two_stages(x, x if self.conv3 is None else self.conv3(x))
 
 
 # ------------------------------------------------------------------ the 1x1-convolution GEMM path
@@ -408,13 +452,14 @@ class FusedConvBottleneck(FusedBottleneck):
             return "eval"
         return None
 
-    def forward(self, x: Tensor) -> Tensor:
+    @torch.jit.unused
+    def _fused_forward(self, x: Tensor) -> Tensor:
         mode = self._conv_mode(x)
         if mode == "train":
             return self._forward_train(x)
         if mode == "eval":
             return self._forward_eval(x)
-        return super().forward(x)
+        return super()._fused_forward(x)
 
     def _forward_train(self, x: Tensor) -> Tensor:
         bn1, bn2, bn3 = (batch_norm_arguments(bn) for bn in (self.bn1, self.bn2, self.bn3))

@@ -4,6 +4,10 @@
 - :class:`SyncBatchNormAddReLU2d`: ``relu(nn.SyncBatchNorm(x) + residual)``, or, given the
   shortcut's own BatchNorm (``nn.SyncBatchNorm`` or ``nn.BatchNorm2d``) as ``residual_bn``,
   ``relu(bn(x) + residual_bn(residual))`` with both statistics gathered in ONE collective.
+- :class:`SyncBatchNorm2d`: ``nn.SyncBatchNorm`` for (N, C, H, W) input without the ReLU,
+  on any device: what a converted model's other BatchNorm2d (the shortcut's, which the
+  fused tail computes) become, so that DDP accepts the model on CPU / gloo too (DDP
+  refuses any ``nn.SyncBatchNorm`` in a CPU module).
 - :func:`convert_sync_batchnorm`: what ``nn.SyncBatchNorm.convert_sync_batchnorm`` does,
   for models holding the fused modules (use it instead of torch's, which would turn a
   ``BatchNormReLU2d`` into an ``nn.SyncBatchNorm`` and lose its ReLU).
@@ -24,9 +28,9 @@ from torch import Tensor, nn
 
 from ..kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE
 from ..sync_batchnorm import resolve_group, sync_batch_norm_add_relu, sync_world_size
-from .batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, batch_norm_arguments, has_hooks
+from .batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, FusedBatchNorm2d, batch_norm_arguments, has_hooks
 
-__all__ = ["SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "convert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm2d", "SyncBatchNormAddReLU2d", "SyncBatchNormReLU2d", "convert_sync_batchnorm"]
 
 
 def _matches(residual: Any, input: Tensor) -> bool:
@@ -38,7 +42,7 @@ def _matches(residual: Any, input: Tensor) -> bool:
 class _SyncMixin:
     """``nn.SyncBatchNorm``'s constructor, checks and ``process_group`` for the fused modules."""
 
-    process_group: Optional[Any]
+    # process_group: a ProcessGroup or None (no class annotation: TorchScript would try to type it)
 
     def __init__(
         self,
@@ -70,6 +74,13 @@ class _SyncMixin:
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
+    def scripted_batch_norm(self, input: Tensor) -> Tensor:
+        # TorchScript cannot run the collectives: a scripted module would silently use local statistics.
+        if self.training:
+            raise RuntimeError("a scripted fused SyncBatchNorm module cannot synchronise statistics in training: "
+                               "script the model in eval mode, or before convert_sync_batchnorm")
+        return self.batch_norm_forward(input)
+
     def _syncs(self) -> bool:
         """True when this forward synchronises statistics (nn.SyncBatchNorm's need_sync)."""
         return self.training and sync_world_size(self.process_group) > 1
@@ -86,11 +97,45 @@ class SyncBatchNormReLU2d(_SyncMixin, BatchNormReLU2d):
     it in training (one ``all_gather`` forward, one ``all_reduce`` backward).
     """
 
-    def forward(self, input: Tensor) -> Tensor:
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         return sync_batch_norm_add_relu(input, None, RESIDUAL_NONE, batch_norm_arguments(self),
                                         sync=self.training, process_group=self.process_group)
+
+
+class SyncBatchNorm2d(_SyncMixin, FusedBatchNorm2d):
+    """``nn.SyncBatchNorm`` for (N, C, H, W) input, on CUDA and CPU tensors alike.
+
+    Same constructor as :class:`torch.nn.SyncBatchNorm`, same parameters, buffers and
+    state_dict keys as :class:`torch.nn.BatchNorm2d` (of which it is a subclass, not of
+    ``nn.SyncBatchNorm``: DDP refuses those in a CPU module). In training with 2+
+    processes the statistics are synchronised as in the fused modules (one
+    ``all_gather`` forward, one ``all_reduce`` backward); otherwise it is
+    ``nn.BatchNorm2d``'s own forward. :class:`SyncBatchNormAddReLU2d` takes it as the
+    shortcut's BatchNorm and synchronises both in one collective.
+    """
+
+    applies_relu = False
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.scripted_batch_norm(input)
+        return self._synchronised_forward(input)
+
+    @torch.jit.unused
+    def _synchronised_forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        if not self._syncs():
+            return self.batch_norm_forward(input)
+        return sync_batch_norm_add_relu(input, None, RESIDUAL_NONE, batch_norm_arguments(self), sync=True,
+                                        process_group=self.process_group, relu=False)
+
+
+# The shortcut BatchNorms a SyncBatchNormAddReLU2d computes in its own op (synchronised or not).
+_SHORTCUT_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d)
 
 
 class SyncBatchNormAddReLU2d(_SyncMixin, BatchNormAddReLU2d):
@@ -107,9 +152,10 @@ class SyncBatchNormAddReLU2d(_SyncMixin, BatchNormAddReLU2d):
     @staticmethod
     def can_fuse_residual_bn(residual_bn: Any) -> bool:
         """True for a shortcut BatchNorm this module computes itself (its math is known)."""
-        return type(residual_bn) in (nn.BatchNorm2d, nn.SyncBatchNorm) and not has_hooks(residual_bn)
+        return type(residual_bn) in _SHORTCUT_BATCHNORMS and not has_hooks(residual_bn)
 
-    def forward(self, input: Tensor, residual: Tensor, residual_bn: Optional[nn.Module] = None) -> Tensor:
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor, residual: Tensor, residual_bn: Optional[nn.Module]) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if residual_bn is not None and not isinstance(residual_bn, nn.modules.batchnorm._BatchNorm):
@@ -117,7 +163,7 @@ class SyncBatchNormAddReLU2d(_SyncMixin, BatchNormAddReLU2d):
                             f"got {type(residual_bn).__name__}")
         r_sync = False
         if residual_bn is not None and self.can_fuse_residual_bn(residual_bn):
-            r_sync = (isinstance(residual_bn, nn.SyncBatchNorm) and residual_bn.training
+            r_sync = (isinstance(residual_bn, (nn.SyncBatchNorm, SyncBatchNorm2d)) and residual_bn.training
                       and sync_world_size(residual_bn.process_group) > 1)
             if r_sync and self._syncs() and (resolve_group(residual_bn.process_group)
                                               is not resolve_group(self.process_group)):
@@ -166,9 +212,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
 
     Every :class:`~fused_resnet.nn.BatchNormAddReLU2d` becomes a
     :class:`SyncBatchNormAddReLU2d`, every :class:`~fused_resnet.nn.BatchNormReLU2d` a
-    :class:`SyncBatchNormReLU2d`, and every other ``BatchNorm*D`` an ``nn.SyncBatchNorm``
-    (exactly as torch's converter does). The new modules hold the same Parameter and
-    buffer objects (so ``requires_grad`` and an optimizer built before stay valid), the
+    :class:`SyncBatchNormReLU2d`, every other ``BatchNorm2d`` (a shortcut's, which the
+    fused tail computes) a :class:`SyncBatchNorm2d`, which DDP accepts on CPU too, and
+    every other ``BatchNorm*D`` an ``nn.SyncBatchNorm``, as torch's converter does. The new
+    modules hold the same Parameter and buffer objects (so ``requires_grad`` and an optimizer built before stay valid), the
     training mode and the ``qconfig``; synchronisation is over ``process_group`` (None: the
     whole world). Returns ``module`` converted in place, or the new module when
     ``module`` itself is a BatchNorm.
@@ -178,6 +225,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
         out = _sync_twin(SyncBatchNormAddReLU2d, module, process_group)
     elif isinstance(module, BatchNormReLU2d):
         out = _sync_twin(SyncBatchNormReLU2d, module, process_group)
+    elif isinstance(module, nn.BatchNorm2d):
+        out = _sync_twin(SyncBatchNorm2d, module, process_group)
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         out = _sync_twin(nn.SyncBatchNorm, module, process_group)
     for name, child in module.named_children():
