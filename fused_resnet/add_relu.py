@@ -15,6 +15,7 @@ from .validation import check_like
 
 
 @torch.library.custom_op("fused_resnet::add_relu", mutates_args=())
+@backend.launches_on_input_device
 def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         return torch.add(a, b).relu_()
@@ -28,6 +29,7 @@ def _(a, b):
 
 
 @torch.library.custom_op("fused_resnet::add_relu_backward", mutates_args=())
+@backend.launches_on_input_device
 def add_relu_backward_op(dy: Tensor, y: Tensor) -> Tensor:
     if not backend.use_triton(y):
         return torch.ops.aten.threshold_backward(dy, y, 0)

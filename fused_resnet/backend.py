@@ -9,9 +9,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -49,3 +51,28 @@ def use_triton(t: torch.Tensor) -> bool:
             raise RuntimeError(problem)
         return True
     return False
+
+
+_NO_DEVICE_GUARD = contextlib.nullcontext()
+
+
+def launch_device(t: torch.Tensor):
+    """The context every kernel launch runs in: ``t``'s CUDA device made current (Triton
+    compiles for and launches on the current device), a no-op for CPU tensors."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return _NO_DEVICE_GUARD
+
+
+def launches_on_input_device(op: Callable) -> Callable:
+    """Decorates an op's implementation: its launches run under its first argument's device
+    (``launch_device``), whatever device is current when it is called."""
+
+    @functools.wraps(op)
+    def on_input_device(x, *args, **kwargs):
+        with launch_device(x):
+            return op(x, *args, **kwargs)
+
+    # torch.library infers the op's schema from this signature: the op's own, annotations resolved.
+    on_input_device.__signature__ = inspect.signature(op, eval_str=True)
+    return on_input_device

@@ -90,6 +90,7 @@ def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracke
     mutates_args=("running_mean", "running_var", "num_batches_tracked",
                   "r_running_mean", "r_running_var", "r_num_batches_tracked"),
 )
+@backend.launches_on_input_device
 def bn_add_relu_forward_op(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -204,6 +205,7 @@ def _grad_or_empty(grad: Optional[Tensor], param: Optional[Tensor], need: bool, 
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_backward", mutates_args=())
+@backend.launches_on_input_device
 def bn_add_relu_backward_op(
     dy: Tensor,
     y: Tensor,

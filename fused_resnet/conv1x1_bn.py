@@ -76,6 +76,7 @@ def allow_tf32() -> bool:
 
 @torch.library.custom_op("fused_resnet::conv1x1_forward",
                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@backend.launches_on_input_device
 def conv1x1_forward_op(
     x: Tensor,
     weight: Tensor,
@@ -127,6 +128,7 @@ def _grad_or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("fused_resnet::conv1x1_backward", mutates_args=())
+@backend.launches_on_input_device
 def conv1x1_backward_op(
     dy: Tensor,
     x: Tensor,
@@ -184,6 +186,7 @@ def _(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_tra
 
 
 @torch.library.custom_op("fused_resnet::conv1x1_pair_backward", mutates_args=())
+@backend.launches_on_input_device
 def conv1x1_pair_backward_op(
     dy: Tensor,
     dy2: Tensor,
@@ -238,6 +241,7 @@ def _(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, allow_tf32, out
 
 
 @torch.library.custom_op("fused_resnet::conv1x1_bn_eval", mutates_args=())
+@backend.launches_on_input_device
 def conv1x1_bn_eval_op(
     x: Tensor,
     weight: Tensor,
@@ -276,6 +280,7 @@ def _(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean,
 
 @torch.library.custom_op("fused_resnet::batch_stats",
                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+@backend.launches_on_input_device
 def batch_stats_op(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -298,6 +303,7 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
 
 
 @torch.library.custom_op("fused_resnet::bn_add_relu_with_stats", mutates_args=())
+@backend.launches_on_input_device
 def bn_add_relu_with_stats_op(
     x: Tensor,
     mean: Tensor,
