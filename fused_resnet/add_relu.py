@@ -19,6 +19,8 @@ from .validation import check_like
 def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         return torch.add(a, b).relu_()
+    if a.numel() == 0:
+        return torch.empty_like(a)
     a = _dense(a) if a.dim() == 4 else a.contiguous()
     return add_relu_forward(a, _in_layout_of(b, a))
 
@@ -33,6 +35,8 @@ def _(a, b):
 def add_relu_backward_op(dy: Tensor, y: Tensor) -> Tensor:
     if not backend.use_triton(y):
         return torch.ops.aten.threshold_backward(dy, y, 0)
+    if y.numel() == 0:
+        return torch.empty_like(y)
     return add_relu_backward(_in_layout_of(dy, y), y)
 
 

@@ -47,6 +47,21 @@ def _no_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(_EMPTY, dtype=stats_dtype(x)), x.new_empty(_EMPTY, dtype=stats_dtype(x))
 
 
+def count_empty_batch(training: bool, running_mean: Optional[Tensor], num_batches_tracked: Optional[Tensor]) -> None:
+    """nn.BatchNorm2d on an empty batch: the running statistics stay as they are, the batch
+    is still counted (num_batches_tracked + 1 in training)."""
+    if training and running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+
+
+def empty_batch_stats(x: Tensor, batch: bool) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) of an empty batch: zeros per channel (nothing reads them), or empty in eval."""
+    if not batch:
+        return _no_stats(x)
+    zeros = x.new_zeros((x.shape[1],), dtype=stats_dtype(x))
+    return zeros, zeros.clone()
+
+
 def _dense(x: Tensor) -> Tensor:
     """x itself when it is dense NCHW or channels_last, else one NCHW copy."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
@@ -139,6 +154,15 @@ def bn_add_relu_forward_op(
         return y.relu_(), mean, invstd, r_mean, r_invstd
 
     x = _dense(x)
+    if x.numel() == 0:
+        # An empty batch launches nothing (the statistics kernel would read x[0]).
+        count_empty_batch(training, running_mean, num_batches_tracked)
+        mean, invstd = empty_batch_stats(x, training)
+        r_mean, r_invstd = _no_stats(x)
+        if is_bn:
+            count_empty_batch(r_training, r_running_mean, r_num_batches_tracked)
+            r_mean, r_invstd = empty_batch_stats(x, r_training)
+        return torch.empty_like(x), mean, invstd, r_mean, r_invstd
     layout = layout_of(x)
     norm, from_var, mean, invstd = _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked,
                                                        weight, bias, training, momentum, eps)
@@ -236,7 +260,12 @@ def bn_add_relu_backward_op(
     """
     need_w, need_b, need_rw, need_rb = output_mask
     is_bn = residual_mode == RESIDUAL_BN
-    if not backend.use_triton(x):
+    if x.numel() == 0:
+        # An empty batch launches nothing: empty input gradients, zero parameter gradients (as eager).
+        dw, db, r_dw, r_db = (x.new_zeros((x.shape[1],), dtype=stats_dtype(x)) for _ in range(4))
+        dx = torch.empty_like(x)
+        d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else None
+    elif not backend.use_triton(x):
         g = torch.ops.aten.threshold_backward(dy, y, 0)
         dx, dw, db = _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd, training, eps)
         d_res, r_dw, r_db = None, None, None

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
-from .bn_add_relu import _momentum_factor, bn_add_relu, bn_relu
+from .bn_add_relu import _momentum_factor, bn_add_relu, bn_relu, count_empty_batch
 from .kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE, ChannelNorm, bn_add_relu_forward, bn_stats, layout_of
 from .kernels.conv1x1_bn import (
     conv1x1_dgrad,
@@ -64,6 +64,16 @@ def _require_triton(x: Tensor, op: str) -> None:
 
 def _norm(mean, invstd, weight, bias) -> Optional[ChannelNorm]:
     return None if mean is None else ChannelNorm(mean, invstd, weight, bias)
+
+
+def _no_pixels(x: Tensor) -> bool:
+    """An empty batch (or map): the ops launch nothing and return their fake's outputs zeroed
+    (empty activations and gradients, zero parameter gradients, as eager)."""
+    return x.shape[0] * x.shape[2] * x.shape[3] == 0
+
+
+def _zeroed(outputs):
+    return tuple(t.zero_() for t in outputs) if isinstance(outputs, tuple) else outputs.zero_()
 
 
 def allow_tf32() -> bool:
@@ -99,6 +109,10 @@ def conv1x1_forward_op(
     eps) of y for the BatchNorm that follows, whose running statistics are updated in
     place; else both are empty. y is channels_last."""
     _require_triton(x, "conv1x1_forward")
+    if _no_pixels(x):
+        count_empty_batch(with_stats, running_mean, num_batches_tracked)
+        return _zeroed(_conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
+                                             running_mean, running_var, num_batches_tracked, momentum, eps, allow_tf32))
     x = _nhwc(x)
     y, partials, tile_rows = conv1x1_forward(x, weight, bias, stride, _norm(p_mean, p_invstd, p_weight, p_bias),
                                              stats=with_stats, allow_tf32=allow_tf32)
@@ -115,7 +129,7 @@ def _output_shape(x: Tensor, weight: Tensor, stride: int) -> tuple[int, int, int
 
 
 @conv1x1_forward_op.register_fake
-def _(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean, running_var,
+def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean, running_var,
       num_batches_tracked, momentum, eps, allow_tf32):
     y = x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
     shape = (weight.shape[0],) if with_stats else _EMPTY
@@ -147,6 +161,9 @@ def conv1x1_backward_op(
     asked for). ``output_mask`` = [x, weight, bias, p_weight, p_bias] need a gradient.
     ``p_training``: p_mean / p_invstd are x's batch statistics (their terms enter dx)."""
     _require_triton(x, "conv1x1_backward")
+    if _no_pixels(x):
+        return _zeroed(_conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias,
+                                              p_training, allow_tf32, output_mask))
     need_x, need_w, need_b, need_pw, need_pb = output_mask
     x, dy = _nhwc(x), _nhwc(dy)
     prologue = _norm(p_mean, p_invstd, p_weight, p_bias)
@@ -172,7 +189,7 @@ def conv1x1_backward_op(
 
 
 @conv1x1_backward_op.register_fake
-def _(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, allow_tf32, output_mask):
+def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, allow_tf32, output_mask):
     need_x, need_w, need_b, need_pw, need_pb = output_mask
     prologue = p_mean is not None
 
@@ -204,6 +221,9 @@ def conv1x1_pair_backward_op(
     the second's gradient added in the first's epilogue, never by a separate pass.
     ``output_mask`` = [x, weight, bias, weight2, bias2] need a gradient."""
     _require_triton(x, "conv1x1_pair_backward")
+    if _no_pixels(x):
+        return _zeroed(_conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
+                                                   allow_tf32, output_mask))
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
     x, dy, dy2 = _nhwc(x), _nhwc(dy), _nhwc(dy2)
     dx = dw = db = dw2 = db2 = None
@@ -228,7 +248,7 @@ def conv1x1_pair_backward_op(
 
 
 @conv1x1_pair_backward_op.register_fake
-def _(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, allow_tf32, output_mask):
+def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, allow_tf32, output_mask):
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
 
     def grad(like, need):
@@ -263,6 +283,9 @@ def conv1x1_bn_eval_op(
     """``[relu](bn(conv1x1(a)) [+ residual])`` with bn from its running statistics, one
     kernel (inference: no autograd). a as in ``conv1x1_forward``."""
     _require_triton(x, "conv1x1_bn_eval")
+    if _no_pixels(x):
+        return _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean,
+                                     running_var, bn_weight, bn_bias, eps, residual, relu, allow_tf32)
     x = _nhwc(x)
     if residual is not None:
         residual = _nhwc(residual)
@@ -273,7 +296,7 @@ def conv1x1_bn_eval_op(
 
 
 @conv1x1_bn_eval_op.register_fake
-def _(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var, bn_weight, bn_bias,
+def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var, bn_weight, bn_bias,
       eps, residual, relu, allow_tf32):
     return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
 
@@ -292,12 +315,15 @@ def batch_stats_op(
     """(mean, 1/sqrt(var + eps)) of x per channel, fp32, updating the running statistics
     as ``nn.BatchNorm2d`` does (``bn_stats``)."""
     _require_triton(x, "batch_stats")
+    if x.numel() == 0:
+        count_empty_batch(True, running_mean, num_batches_tracked)
+        return _zeroed(_batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps))
     x = x if (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) else x.contiguous()
     return bn_stats(x, layout_of(x), running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
 @batch_stats_op.register_fake
-def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     C = x.shape[1]
     return x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
@@ -321,6 +347,9 @@ def bn_add_relu_with_stats_op(
     ``bn_add_relu``'s elementwise pass with statistics computed elsewhere (by a
     convolution's epilogue). Its backward is ``fused_resnet::bn_add_relu_backward``."""
     _require_triton(x, "bn_add_relu_with_stats")
+    if x.numel() == 0:
+        return _bn_add_relu_with_stats_fake(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd,
+                                            r_weight, r_bias)
     x = _nhwc(x)
     layout = layout_of(x)
     if residual is not None:
@@ -330,7 +359,7 @@ def bn_add_relu_with_stats_op(
 
 
 @bn_add_relu_with_stats_op.register_fake
-def _(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight, r_bias):
+def _bn_add_relu_with_stats_fake(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight, r_bias):
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
