@@ -76,8 +76,19 @@ def _zeroed(outputs):
     return tuple(t.zero_() for t in outputs) if isinstance(outputs, tuple) else outputs.zero_()
 
 
-def allow_tf32() -> bool:
-    """Whether an fp32 convolution would use TF32 now (cuDNN's flag, as F.conv2d reads it)."""
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """Whether F.conv2d would compute an fp32 convolution with TF32 now: cuDNN's convolution
+    precision ``torch.backends.cudnn.conv.fp32_precision == "tf32"`` (its getter resolves
+    "none" through ``torch.backends.cudnn.fp32_precision`` and ``torch.backends.fp32_precision``,
+    and cuDNN takes TF32 only on "tf32"), or, on a torch without that API, the legacy
+    ``torch.backends.cudnn.allow_tf32`` (which raises once the new API has been used). Never
+    read for 16-bit inputs. The ops read it when they run, so a compiled graph (which cannot
+    trace the getter) never bakes in a stale value."""
+    if dtype != torch.float32:
+        return False
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None:
+        return conv.fp32_precision == "tf32"
     return bool(torch.backends.cudnn.allow_tf32)
 
 
@@ -102,7 +113,6 @@ def conv1x1_forward_op(
     num_batches_tracked: Optional[Tensor],
     momentum: Optional[float],
     eps: float,
-    allow_tf32: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd): y = conv1x1(a) with a = relu(bn_p(x)) when ``p_mean`` is given
     (p_invstd = 1/sqrt(var + eps)), else a = x. ``with_stats``: mean and 1/sqrt(var +
@@ -112,10 +122,10 @@ def conv1x1_forward_op(
     if _no_pixels(x):
         count_empty_batch(with_stats, running_mean, num_batches_tracked)
         return _zeroed(_conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
-                                             running_mean, running_var, num_batches_tracked, momentum, eps, allow_tf32))
-    x = _nhwc(x)
+                                             running_mean, running_var, num_batches_tracked, momentum, eps))
+    x, tf32 = _nhwc(x), allow_tf32(x.dtype)
     y, partials, tile_rows = conv1x1_forward(x, weight, bias, stride, _norm(p_mean, p_invstd, p_weight, p_bias),
-                                             stats=with_stats, allow_tf32=allow_tf32)
+                                             stats=with_stats, allow_tf32=tf32)
     if not with_stats:
         return y, x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.float32)
     mean, invstd = conv1x1_stats_finalize(partials, geometry_of(x, weight, stride).M, tile_rows,
@@ -130,7 +140,7 @@ def _output_shape(x: Tensor, weight: Tensor, stride: int) -> tuple[int, int, int
 
 @conv1x1_forward_op.register_fake
 def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean, running_var,
-      num_batches_tracked, momentum, eps, allow_tf32):
+      num_batches_tracked, momentum, eps):
     y = x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
     shape = (weight.shape[0],) if with_stats else _EMPTY
     return y, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
@@ -154,7 +164,6 @@ def conv1x1_backward_op(
     p_weight: Optional[Tensor],
     p_bias: Optional[Tensor],
     p_training: bool,
-    allow_tf32: bool,
     output_mask: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_weight, d_bias, d_p_weight, d_p_bias) of ``conv1x1_forward`` (empty = not
@@ -163,21 +172,21 @@ def conv1x1_backward_op(
     _require_triton(x, "conv1x1_backward")
     if _no_pixels(x):
         return _zeroed(_conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias,
-                                              p_training, allow_tf32, output_mask))
+                                              p_training, output_mask))
     need_x, need_w, need_b, need_pw, need_pb = output_mask
-    x, dy = _nhwc(x), _nhwc(dy)
+    x, dy, tf32 = _nhwc(x), _nhwc(dy), allow_tf32(x.dtype)
     prologue = _norm(p_mean, p_invstd, p_weight, p_bias)
     dx = dw = db = dpw = dpb = None
     need_pw, need_pb = need_pw and prologue is not None, need_pb and prologue is not None
     need_dgrad, need_wgrad = need_x or need_pw or need_pb, need_w or (need_b and has_bias)
     if need_dgrad and need_wgrad:
         g, partials, (dw, db), _ = conv1x1_dgrad_wgrad(dy, weight, x, stride, prologue,
-                                                       bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
+                                                       bias_grad=need_b and has_bias, allow_tf32=tf32)
     elif need_dgrad:
-        g, partials = conv1x1_dgrad(dy, weight, x, stride, prologue, allow_tf32=allow_tf32)
+        g, partials = conv1x1_dgrad(dy, weight, x, stride, prologue, allow_tf32=tf32)
     elif need_wgrad:
         dw, db = conv1x1_wgrad(dy, x, weight, stride, prologue, bias_grad=need_b and has_bias,
-                               allow_tf32=allow_tf32)
+                               allow_tf32=tf32)
     if need_dgrad:
         if prologue is None:
             dx = g
@@ -189,7 +198,7 @@ def conv1x1_backward_op(
 
 
 @conv1x1_backward_op.register_fake
-def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, allow_tf32, output_mask):
+def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, output_mask):
     need_x, need_w, need_b, need_pw, need_pb = output_mask
     prologue = p_mean is not None
 
@@ -213,7 +222,6 @@ def conv1x1_pair_backward_op(
     stride2: int,
     has_bias: bool,
     has_bias2: bool,
-    allow_tf32: bool,
     output_mask: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_weight, d_bias, d_weight2, d_bias2) of two 1x1 convolutions of the same x
@@ -223,32 +231,32 @@ def conv1x1_pair_backward_op(
     _require_triton(x, "conv1x1_pair_backward")
     if _no_pixels(x):
         return _zeroed(_conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
-                                                   allow_tf32, output_mask))
+                                                   output_mask))
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
-    x, dy, dy2 = _nhwc(x), _nhwc(dy), _nhwc(dy2)
+    x, dy, dy2, tf32 = _nhwc(x), _nhwc(dy), _nhwc(dy2), allow_tf32(x.dtype)
     dx = dw = db = dw2 = db2 = None
     need_wgrad, need_wgrad2 = need_w or (need_b and has_bias), need_w2 or (need_b2 and has_bias2)
     if need_x and need_wgrad and need_wgrad2 and stride2 == 1:
         dx, _, (dw, db), (dw2, db2) = conv1x1_dgrad_wgrad(
             dy, weight, x, 1, second=(dy2, weight2), bias_grad=need_b and has_bias,
-            bias_grad2=need_b2 and has_bias2, allow_tf32=allow_tf32)
+            bias_grad2=need_b2 and has_bias2, allow_tf32=tf32)
     else:
         if need_x and stride2 == 1:
-            dx, _ = conv1x1_dgrad(dy, weight, x, 1, second=(dy2, weight2), allow_tf32=allow_tf32)
+            dx, _ = conv1x1_dgrad(dy, weight, x, 1, second=(dy2, weight2), allow_tf32=tf32)
         elif need_x:
-            dx2, _ = conv1x1_dgrad(dy2, weight2, x, stride2, allow_tf32=allow_tf32)
-            dx, _ = conv1x1_dgrad(dy, weight, x, 1, add=dx2, allow_tf32=allow_tf32)
+            dx2, _ = conv1x1_dgrad(dy2, weight2, x, stride2, allow_tf32=tf32)
+            dx, _ = conv1x1_dgrad(dy, weight, x, 1, add=dx2, allow_tf32=tf32)
         if need_wgrad:
-            dw, db = conv1x1_wgrad(dy, x, weight, 1, bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
+            dw, db = conv1x1_wgrad(dy, x, weight, 1, bias_grad=need_b and has_bias, allow_tf32=tf32)
         if need_wgrad2:
             dw2, db2 = conv1x1_wgrad(dy2, x, weight2, stride2, bias_grad=need_b2 and has_bias2,
-                                     allow_tf32=allow_tf32)
+                                     allow_tf32=tf32)
     return (_grad_or_empty(dx, x), _grad_or_empty(dw if need_w else None, x), _grad_or_empty(db, x),
             _grad_or_empty(dw2 if need_w2 else None, x), _grad_or_empty(db2, x))
 
 
 @conv1x1_pair_backward_op.register_fake
-def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, allow_tf32, output_mask):
+def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, output_mask):
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
 
     def grad(like, need):
@@ -278,26 +286,25 @@ def conv1x1_bn_eval_op(
     eps: float,
     residual: Optional[Tensor],
     relu: bool,
-    allow_tf32: bool,
 ) -> Tensor:
     """``[relu](bn(conv1x1(a)) [+ residual])`` with bn from its running statistics, one
     kernel (inference: no autograd). a as in ``conv1x1_forward``."""
     _require_triton(x, "conv1x1_bn_eval")
     if _no_pixels(x):
         return _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean,
-                                     running_var, bn_weight, bn_bias, eps, residual, relu, allow_tf32)
-    x = _nhwc(x)
+                                     running_var, bn_weight, bn_bias, eps, residual, relu)
+    x, tf32 = _nhwc(x), allow_tf32(x.dtype)
     if residual is not None:
         residual = _nhwc(residual)
     y, _, _ = conv1x1_forward(x, weight, bias, stride, _norm(p_mean, p_invstd, p_weight, p_bias),
                               eval_norm=ChannelNorm(running_mean, running_var, bn_weight, bn_bias), eval_eps=eps,
-                              residual=residual, relu=relu, allow_tf32=allow_tf32)
+                              residual=residual, relu=relu, allow_tf32=tf32)
     return y
 
 
 @conv1x1_bn_eval_op.register_fake
 def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var, bn_weight, bn_bias,
-      eps, residual, relu, allow_tf32):
+      eps, residual, relu):
     return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
 
 
@@ -402,29 +409,29 @@ class Conv1x1Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, p_weight, p_bias, p_mean, p_invstd, p_training, stride, with_stats,
-                running_mean, running_var, num_batches_tracked, momentum, eps, tf32):
+                running_mean, running_var, num_batches_tracked, momentum, eps):
         y, mean, invstd = torch.ops.fused_resnet.conv1x1_forward(
             x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
-            running_mean, running_var, num_batches_tracked, momentum, eps, tf32)
+            running_mean, running_var, num_batches_tracked, momentum, eps)
         ctx.mark_non_differentiable(mean, invstd)
         ctx.save_for_backward(x, weight, p_mean, p_invstd, p_weight, p_bias)
-        ctx.config = (stride, bias is not None, p_training, tf32)
+        ctx.config = (stride, bias is not None, p_training)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _d_mean, _d_invstd):
         x, weight, p_mean, p_invstd, p_weight, p_bias = ctx.saved_tensors
-        stride, has_bias, p_training, tf32 = ctx.config
+        stride, has_bias, p_training = ctx.config
         needs = ctx.needs_input_grad
         dx, dw, db, dpw, dpb = torch.ops.fused_resnet.conv1x1_backward(
-            dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, tf32,
+            dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
             [needs[0], needs[1], needs[2], needs[3], needs[4]])
 
         def some(t, need):
             return t if need else None
 
         return (some(dx, needs[0]), some(dw, needs[1]), some(db, needs[2] and has_bias), some(dpw, needs[3]),
-                some(dpb, needs[4]), None, None, None, None, None, None, None, None, None, None, None)
+                some(dpb, needs[4]), None, None, None, None, None, None, None, None, None, None)
 
 
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, prologue: Optional[Prologue] = None,
@@ -435,7 +442,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, prol
     s = stats if stats is not None else OutputStats(None, None, None, 0.0, 0.0)
     y, mean, invstd = Conv1x1Function.apply(
         x, weight, bias, p.weight, p.bias, p.mean, p.invstd, p.training, stride, stats is not None,
-        s.running_mean, s.running_var, s.num_batches_tracked, s.momentum, s.eps, allow_tf32())
+        s.running_mean, s.running_var, s.num_batches_tracked, s.momentum, s.eps)
     return (y, mean, invstd) if stats is not None else (y, None, None)
 
 
@@ -447,31 +454,31 @@ class Conv1x1PairFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight2, bias2, stride2, s1_mean, s1_var, s1_count, s1_momentum, s1_eps,
-                s2_mean, s2_var, s2_count, s2_momentum, s2_eps, tf32):
+                s2_mean, s2_var, s2_count, s2_momentum, s2_eps):
         ops = torch.ops.fused_resnet
         y, mean, invstd = ops.conv1x1_forward(x, weight, bias, 1, None, None, None, None, True, s1_mean, s1_var,
-                                              s1_count, s1_momentum, s1_eps, tf32)
+                                              s1_count, s1_momentum, s1_eps)
         y2, mean2, invstd2 = ops.conv1x1_forward(x, weight2, bias2, stride2, None, None, None, None, True, s2_mean,
-                                                 s2_var, s2_count, s2_momentum, s2_eps, tf32)
+                                                 s2_var, s2_count, s2_momentum, s2_eps)
         ctx.mark_non_differentiable(mean, invstd, mean2, invstd2)
         ctx.save_for_backward(x, weight, weight2)
-        ctx.config = (stride2, bias is not None, bias2 is not None, tf32)
+        ctx.config = (stride2, bias is not None, bias2 is not None)
         return y, mean, invstd, y2, mean2, invstd2
 
     @staticmethod
     def backward(ctx, dy, _dm, _ds, dy2, _dm2, _ds2):
         x, weight, weight2 = ctx.saved_tensors
-        stride2, has_bias, has_bias2, tf32 = ctx.config
+        stride2, has_bias, has_bias2 = ctx.config
         needs = ctx.needs_input_grad
         dx, dw, db, dw2, db2 = torch.ops.fused_resnet.conv1x1_pair_backward(
-            dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, tf32,
+            dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
             [needs[0], needs[1], needs[2], needs[3], needs[4]])
 
         def some(t, need):
             return t if need else None
 
         return (some(dx, needs[0]), some(dw, needs[1]), some(db, needs[2] and has_bias), some(dw2, needs[3]),
-                some(db2, needs[4] and has_bias2)) + (None,) * 12
+                some(db2, needs[4] and has_bias2)) + (None,) * 11
 
 
 def conv1x1_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: OutputStats, weight2: Tensor,
@@ -482,7 +489,7 @@ def conv1x1_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Outpu
     return Conv1x1PairFunction.apply(
         x, weight, bias, weight2, bias2, stride2, stats.running_mean, stats.running_var,
         stats.num_batches_tracked, stats.momentum, stats.eps, stats2.running_mean, stats2.running_var,
-        stats2.num_batches_tracked, stats2.momentum, stats2.eps, allow_tf32())
+        stats2.num_batches_tracked, stats2.momentum, stats2.eps)
 
 
 def batch_stats(x: Tensor, stats: OutputStats) -> tuple[Tensor, Tensor]:
@@ -547,7 +554,7 @@ def conv1x1_bn_eval(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
     p = prologue if prologue is not None else Prologue(None, None, None, None, False)
     return torch.ops.fused_resnet.conv1x1_bn_eval(x, weight, bias, stride, p.mean, p.invstd, p.weight, p.bias,
                                                   running_mean, running_var, bn_weight, bn_bias, eps, residual,
-                                                  relu, allow_tf32())
+                                                  relu)
 
 
 def running_invstd(running_var: Tensor, eps: float) -> Tensor:
