@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .bn_add_relu import _dense
+from .bn_add_relu import _dense, empty_dense_like
 from .kernels import add_relu_backward, add_relu_forward, as_layout, layout_of
 from .validation import check_like
 
@@ -18,16 +18,17 @@ from .validation import check_like
 @backend.launches_on_input_device
 def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
-        return torch.add(a, b).relu_()
+        # Into a's dense layout, which the fake claims (TensorIterator would follow a and b's strides).
+        return torch.add(a, b, out=empty_dense_like(a)).relu_()
     if a.numel() == 0:
-        return torch.empty_like(a)
+        return empty_dense_like(a)
     a = _dense(a) if a.dim() == 4 else a.contiguous()
     return add_relu_forward(a, _in_layout_of(b, a))
 
 
 @add_relu_op.register_fake
 def _(a, b):
-    return torch.empty_like(a)
+    return empty_dense_like(a)
 
 
 @torch.library.custom_op("fused_resnet::add_relu_backward", mutates_args=())

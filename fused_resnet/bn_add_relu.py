@@ -69,6 +69,15 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def empty_dense_like(x: Tensor) -> Tensor:
+    """An uninitialised tensor in the layout the ops give an output of x's shape: ``_dense(x)``'s,
+    without the copy. The fakes claim exactly the strides the real ops return (else Inductor
+    miscompiles around the op)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -141,6 +150,8 @@ def bn_add_relu_forward_op(
         running_mean, running_var = eval_mean, eval_var
     if not r_training:
         r_running_mean, r_running_var = r_eval_mean, r_eval_var
+    # Both branches compute on a dense x, so y has the layout the fake claims.
+    x = _dense(x)
     if not backend.use_triton(x):
         y, mean, invstd = _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias,
                                         training, momentum, eps)
@@ -153,7 +164,6 @@ def bn_add_relu_forward_op(
             y.add_(residual)
         return y.relu_(), mean, invstd, r_mean, r_invstd
 
-    x = _dense(x)
     if x.numel() == 0:
         # An empty batch launches nothing (the statistics kernel would read x[0]).
         count_empty_batch(training, running_mean, num_batches_tracked)
@@ -191,7 +201,7 @@ def _(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, we
 
     mean, invstd = stats(training)
     r_mean, r_invstd = stats(r_training and residual_mode == RESIDUAL_BN)
-    return torch.empty_like(x), mean, invstd, r_mean, r_invstd
+    return empty_dense_like(x), mean, invstd, r_mean, r_invstd
 
 
 # ---------------------------------------------------------------------------- backward
@@ -260,6 +270,11 @@ def bn_add_relu_backward_op(
     """
     need_w, need_b, need_rw, need_rb = output_mask
     is_bn = residual_mode == RESIDUAL_BN
+    # Both branches compute in a dense x's layout, so the gradients have the layout the fake claims.
+    x = _dense(x)
+    layout = layout_of(x)
+    if residual is not None:
+        residual = as_layout(residual, layout)
     if x.numel() == 0:
         # An empty batch launches nothing: empty input gradients, zero parameter gradients (as eager).
         dw, db, r_dw, r_db = (x.new_zeros((x.shape[1],), dtype=stats_dtype(x)) for _ in range(4))
@@ -273,10 +288,8 @@ def bn_add_relu_backward_op(
             d_res, r_dw, r_db = _bn_backward_composite(g, residual, r_weight, r_running_mean, r_running_var,
                                                        r_mean, r_invstd, r_training, r_eps)
         elif residual_mode == RESIDUAL_ADD:
-            d_res = g
+            d_res = as_layout(g, layout)
     else:
-        x = _dense(x)
-        layout = layout_of(x)
         dy, y = as_layout(dy, layout), as_layout(y, layout)
 
         def norm_of(m, s, rm, rv, w, b, batch, e):
@@ -284,8 +297,6 @@ def bn_add_relu_backward_op(
 
         norm = norm_of(mean, invstd, running_mean, running_var, weight, bias, training, eps)
         r_norm = None
-        if residual is not None:
-            residual = as_layout(residual, layout)
         if is_bn:
             r_norm = norm_of(r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps)
         dx, d_res, dw, db, r_dw, r_db = bn_add_relu_backward(
@@ -306,8 +317,9 @@ def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training,
     def grad(p, need):
         return torch.empty_like(p) if (p is not None and need) else x.new_empty(_EMPTY)
 
-    d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else x.new_empty(_EMPTY)
-    return (torch.empty_like(x), d_res, grad(weight, need_w), grad(bias, need_b),
+    dx = empty_dense_like(x)
+    d_res = empty_dense_like(x) if residual_mode != RESIDUAL_NONE else x.new_empty(_EMPTY)
+    return (dx, d_res, grad(weight, need_w), grad(bias, need_b),
             grad(r_weight, need_rw and is_bn), grad(r_bias, need_rb and is_bn))
 
 
