@@ -14,9 +14,8 @@ from .kernels import add_relu_backward, add_relu_forward, as_layout, layout_of
 from .validation import check_like
 
 
-@torch.library.custom_op("fused_resnet::add_relu", mutates_args=())
 @backend.launches_on_input_device
-def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
+def _add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         # Into a's dense layout, which the fake claims (TensorIterator would follow a and b's strides).
         return torch.add(a, b, out=empty_dense_like(a)).relu_()
@@ -24,6 +23,9 @@ def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
         return empty_dense_like(a)
     a = _dense(a) if a.dim() == 4 else a.contiguous()
     return add_relu_forward(a, _in_layout_of(b, a))
+
+
+add_relu_op = torch.library.custom_op("fused_resnet::add_relu", mutates_args=())(_add_relu)
 
 
 @add_relu_op.register_fake
@@ -74,4 +76,7 @@ def add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         # Eager's own ops, differentiated by autograd: no custom-op dispatch cost on the CPU.
         return torch.add(a, b).relu_()
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        # No gradient wanted: the implementation itself in an eager call (no dispatcher, no autograd).
+        return backend.call_op(torch.ops.fused_resnet.add_relu, _add_relu, (a, b))
     return torch.ops.fused_resnet.add_relu(a, b)

@@ -109,13 +109,8 @@ def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracke
     return (ChannelNorm(running_mean, running_var, weight, bias), True, *_no_stats(x))
 
 
-@torch.library.custom_op(
-    "fused_resnet::bn_add_relu_forward",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked",
-                  "r_running_mean", "r_running_var", "r_num_batches_tracked"),
-)
 @backend.launches_on_input_device
-def bn_add_relu_forward_op(
+def _bn_add_relu_forward(
     x: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -189,6 +184,13 @@ def bn_add_relu_forward_op(
     return y, mean, invstd, r_mean, r_invstd
 
 
+bn_add_relu_forward_op = torch.library.custom_op(
+    "fused_resnet::bn_add_relu_forward",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked",
+                  "r_running_mean", "r_running_var", "r_num_batches_tracked"),
+)(_bn_add_relu_forward)
+
+
 @bn_add_relu_forward_op.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight, bias, training, momentum,
       eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var,
@@ -238,9 +240,8 @@ def _grad_or_empty(grad: Optional[Tensor], param: Optional[Tensor], need: bool, 
     return grad.to(param.dtype)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_backward", mutates_args=())
 @backend.launches_on_input_device
-def bn_add_relu_backward_op(
+def _bn_add_relu_backward(
     dy: Tensor,
     y: Tensor,
     x: Tensor,
@@ -308,6 +309,10 @@ def bn_add_relu_backward_op(
             _grad_or_empty(r_dw, r_weight, need_rw and is_bn, x), _grad_or_empty(r_db, r_bias, need_rb and is_bn, x))
 
 
+bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward",
+                                                  mutates_args=())(_bn_add_relu_backward)
+
+
 @bn_add_relu_backward_op.register_fake
 def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps, residual_mode, residual,
       r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps, output_mask):
@@ -337,6 +342,19 @@ def stat_slots(training: bool, running_mean, running_var, num_batches_tracked) -
     return None, None, None, running_mean, running_var
 
 
+def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum,
+                             eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked,
+                             r_weight, r_bias, r_training, r_momentum, r_eps) -> tuple:
+    """The forward op (its implementation directly in an eager call, ``backend.call_op``)."""
+    slots = stat_slots(training, running_mean, running_var, num_batches_tracked)
+    r_slots = stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked)
+    return backend.call_op(
+        torch.ops.fused_resnet.bn_add_relu_forward, _bn_add_relu_forward,
+        (x, *slots, weight, bias, training, momentum, eps, residual_mode, residual, *r_slots, r_weight, r_bias,
+         r_training, r_momentum, r_eps),
+        mutated=slots[:3] + r_slots[:3])
+
+
 class BnAddReLUFunction(torch.autograd.Function):
     """Ties the forward op (which mutates the running statistics) to the backward op."""
 
@@ -345,11 +363,10 @@ class BnAddReLUFunction(torch.autograd.Function):
                 running_mean, running_var, num_batches_tracked, training, momentum, eps,
                 residual_mode, r_running_mean, r_running_var, r_num_batches_tracked,
                 r_training, r_momentum, r_eps):
-        y, mean, invstd, r_mean, r_invstd = torch.ops.fused_resnet.bn_add_relu_forward(
-            x, *stat_slots(training, running_mean, running_var, num_batches_tracked), weight, bias, training,
-            momentum, eps, residual_mode, residual,
-            *stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked), r_weight, r_bias,
-            r_training, r_momentum, r_eps)
+        y, mean, invstd, r_mean, r_invstd = bn_add_relu_forward_call(
+            x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps, residual_mode,
+            residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias, r_training,
+            r_momentum, r_eps)
         is_bn = residual_mode == RESIDUAL_BN
         # What eager PyTorch keeps alive: x and y (the ReLU mask), the residual only when it
         # is itself normalised, and the running statistics only where they normalised.
@@ -369,10 +386,11 @@ class BnAddReLUFunction(torch.autograd.Function):
         training, eps, residual_mode, r_training, r_eps = ctx.config
         needs = ctx.needs_input_grad
         output_mask = [needs[1], needs[2], needs[4], needs[5]]
-        dx, d_res, dw, db, r_dw, r_db = torch.ops.fused_resnet.bn_add_relu_backward(
-            dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
-            residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
-            r_training, r_eps, output_mask)
+        dx, d_res, dw, db, r_dw, r_db = backend.call_op(
+            torch.ops.fused_resnet.bn_add_relu_backward, _bn_add_relu_backward,
+            (dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
+             residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
+             r_training, r_eps, output_mask))
 
         def some(t, need):
             return t if need else None
@@ -392,6 +410,13 @@ def _bn_add_relu(x, weight, bias, residual, r_weight, r_bias, running_mean, runn
     PyTorch's own sequence, in place where eager allocates, differentiated by autograd:
     the same bits as eager, without the custom-op dispatch cost (~25 us a call on a CPU)."""
     if backend.use_triton(x):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (x, weight, bias, residual, r_weight, r_bias))):
+            # No gradient wanted: the forward op alone, without the autograd Function's cost.
+            return bn_add_relu_forward_call(
+                x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,
+                residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+                r_training, r_momentum, r_eps)[0]
         return BnAddReLUFunction.apply(
             x, weight, bias, residual, r_weight, r_bias, running_mean, running_var, num_batches_tracked,
             training, momentum, eps, residual_mode, r_running_mean, r_running_var, r_num_batches_tracked,

@@ -116,6 +116,8 @@ def test_compiled_ops_on_non_dense_inputs_match_eager(compiler):
             y.backward(torch.ones_like(y))
             results.append((y, leaf.grad, w.grad, rm))
         (y, gx, gw, rm), (yc, gxc, gwc, rmc) = results
-        assert yc.stride() == y.stride(), kind
+        if TRITON_PATH or compiler == "aot_eager":
+            # (On the CPU path the ops are ATen's sequence, whose layouts Inductor chooses itself.)
+            assert yc.stride() == y.stride(), kind
         for name, a, e in (("y", yc, y), ("dx", gxc, gx), ("dweight", gwc, gw), ("running_mean", rmc, rm)):
             assert_close(a, e.double(), torch.float32, f"{compiler} {kind} {name}", params=name != "y")
