@@ -30,20 +30,22 @@ def triton_path_with_stubbed_launches(plain_int_helpers: bool = False) -> Iterat
     functions, microseconds a call on the host) are plain integer arithmetic, to project what
     launch plans computed that way would cost."""
     import triton
-    from triton.runtime.jit import JITFunction
 
     from fused_resnet import backend
+    from fused_resnet.kernels.add_relu import add_relu_forward_kernel
 
-    saved = backend.use_triton, JITFunction.run, triton.cdiv, triton.next_power_of_2
+    # Every kernel is one class: JITFunction, or InterpretedFunction under TRITON_INTERPRET=1.
+    kernel_class = type(add_relu_forward_kernel)
+    saved = backend.use_triton, kernel_class.run, triton.cdiv, triton.next_power_of_2
     backend.use_triton = lambda t: t.dtype != torch.float64
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    kernel_class.run = lambda self, *args, grid, warmup, **kwargs: None
     if plain_int_helpers:
         triton.cdiv = lambda a, b: -(-a // b)
         triton.next_power_of_2 = lambda n: 1 << (n - 1).bit_length() if n > 0 else 1
     try:
         yield
     finally:
-        backend.use_triton, JITFunction.run, triton.cdiv, triton.next_power_of_2 = saved
+        backend.use_triton, kernel_class.run, triton.cdiv, triton.next_power_of_2 = saved
 
 
 def per_call_us(fn: Callable[[], object], repeats: int, rounds: int = 7) -> float:
