@@ -136,3 +136,13 @@ def test_launch_device_makes_the_inputs_device_current():
     last = torch.cuda.device_count() - 1
     with backend.launch_device(torch.empty(1, device=f"cuda:{last}")):
         assert torch.cuda.current_device() == last
+
+
+def test_make_gpu_last_device_check_says_why_it_skips():
+    from fused_resnet.tools.gpu_checks import check_last_device
+
+    result = check_last_device("resnet18", 2, 32, "float32", "channels_last")
+    if torch.cuda.device_count() < 2:
+        assert result["passed"] is None and result["status"] == "skipped" and "two or more" in result["reason"]
+    else:
+        assert result["passed"], result
