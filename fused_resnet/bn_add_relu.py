@@ -110,7 +110,7 @@ def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracke
 
 
 @backend.launches_on_input_device
-def _bn_add_relu_forward(
+def bn_add_relu_forward_implementation(
     x: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -188,7 +188,7 @@ bn_add_relu_forward_op = torch.library.custom_op(
     "fused_resnet::bn_add_relu_forward",
     mutates_args=("running_mean", "running_var", "num_batches_tracked",
                   "r_running_mean", "r_running_var", "r_num_batches_tracked"),
-)(_bn_add_relu_forward)
+)(bn_add_relu_forward_implementation)
 
 
 @bn_add_relu_forward_op.register_fake
@@ -241,7 +241,7 @@ def _grad_or_empty(grad: Optional[Tensor], param: Optional[Tensor], need: bool, 
 
 
 @backend.launches_on_input_device
-def _bn_add_relu_backward(
+def bn_add_relu_backward_implementation(
     dy: Tensor,
     y: Tensor,
     x: Tensor,
@@ -310,7 +310,7 @@ def _bn_add_relu_backward(
 
 
 bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward",
-                                                  mutates_args=())(_bn_add_relu_backward)
+                                                  mutates_args=())(bn_add_relu_backward_implementation)
 
 
 @bn_add_relu_backward_op.register_fake
@@ -349,7 +349,7 @@ def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, 
     slots = stat_slots(training, running_mean, running_var, num_batches_tracked)
     r_slots = stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked)
     return backend.call_op(
-        torch.ops.fused_resnet.bn_add_relu_forward, _bn_add_relu_forward,
+        torch.ops.fused_resnet.bn_add_relu_forward, bn_add_relu_forward_implementation,
         (x, *slots, weight, bias, training, momentum, eps, residual_mode, residual, *r_slots, r_weight, r_bias,
          r_training, r_momentum, r_eps),
         mutated=slots[:3] + r_slots[:3])
@@ -387,7 +387,7 @@ class BnAddReLUFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         output_mask = [needs[1], needs[2], needs[4], needs[5]]
         dx, d_res, dw, db, r_dw, r_db = backend.call_op(
-            torch.ops.fused_resnet.bn_add_relu_backward, _bn_add_relu_backward,
+            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
             (dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
              residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
              r_training, r_eps, output_mask))

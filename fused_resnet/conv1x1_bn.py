@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
-from .bn_add_relu import _momentum_factor, bn_add_relu, bn_relu, count_empty_batch
+from .bn_add_relu import _momentum_factor, bn_add_relu, bn_add_relu_backward_implementation, bn_relu, count_empty_batch
 from .kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE, ChannelNorm, bn_add_relu_forward, bn_stats, layout_of
 from .kernels.conv1x1_bn import (
     conv1x1_dgrad,
@@ -95,10 +95,8 @@ def allow_tf32(dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_forward",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 @backend.launches_on_input_device
-def conv1x1_forward_op(
+def _conv1x1_forward(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -138,9 +136,14 @@ def _output_shape(x: Tensor, weight: Tensor, stride: int) -> tuple[int, int, int
     return geo.N, geo.C_out, geo.H_out, geo.W_out
 
 
+conv1x1_forward_op = torch.library.custom_op(
+    "fused_resnet::conv1x1_forward", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(
+    _conv1x1_forward)
+
+
 @conv1x1_forward_op.register_fake
-def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean, running_var,
-      num_batches_tracked, momentum, eps):
+def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean,
+                          running_var, num_batches_tracked, momentum, eps):
     y = x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
     shape = (weight.shape[0],) if with_stats else _EMPTY
     return y, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
@@ -151,9 +154,8 @@ def _grad_or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(_EMPTY) if grad is None else grad
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_backward", mutates_args=())
 @backend.launches_on_input_device
-def conv1x1_backward_op(
+def _conv1x1_backward(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -197,8 +199,13 @@ def conv1x1_backward_op(
             _grad_or_empty(db, x), _grad_or_empty(dpw, x), _grad_or_empty(dpb, x))
 
 
+conv1x1_backward_op = torch.library.custom_op("fused_resnet::conv1x1_backward",
+                                              mutates_args=())(_conv1x1_backward)
+
+
 @conv1x1_backward_op.register_fake
-def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, output_mask):
+def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
+                           output_mask):
     need_x, need_w, need_b, need_pw, need_pb = output_mask
     prologue = p_mean is not None
 
@@ -211,9 +218,8 @@ def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_
             grad(p_bias, need_pb and prologue and p_bias is not None))
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_pair_backward", mutates_args=())
 @backend.launches_on_input_device
-def conv1x1_pair_backward_op(
+def _conv1x1_pair_backward(
     dy: Tensor,
     dy2: Tensor,
     x: Tensor,
@@ -255,6 +261,10 @@ def conv1x1_pair_backward_op(
             _grad_or_empty(dw2 if need_w2 else None, x), _grad_or_empty(db2, x))
 
 
+conv1x1_pair_backward_op = torch.library.custom_op("fused_resnet::conv1x1_pair_backward",
+                                                   mutates_args=())(_conv1x1_pair_backward)
+
+
 @conv1x1_pair_backward_op.register_fake
 def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, output_mask):
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
@@ -268,9 +278,8 @@ def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, 
             x.new_empty((weight2.shape[0],)) if (need_b2 and has_bias2) else x.new_empty(_EMPTY))
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_bn_eval", mutates_args=())
 @backend.launches_on_input_device
-def conv1x1_bn_eval_op(
+def _conv1x1_bn_eval(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -302,16 +311,18 @@ def conv1x1_bn_eval_op(
     return y
 
 
+conv1x1_bn_eval_op = torch.library.custom_op("fused_resnet::conv1x1_bn_eval",
+                                             mutates_args=())(_conv1x1_bn_eval)
+
+
 @conv1x1_bn_eval_op.register_fake
-def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var, bn_weight, bn_bias,
-      eps, residual, relu):
+def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var,
+                          bn_weight, bn_bias, eps, residual, relu):
     return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("fused_resnet::batch_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 @backend.launches_on_input_device
-def batch_stats_op(
+def _batch_stats(
     x: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -329,15 +340,18 @@ def batch_stats_op(
     return bn_stats(x, layout_of(x), running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
+batch_stats_op = torch.library.custom_op(
+    "fused_resnet::batch_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(_batch_stats)
+
+
 @batch_stats_op.register_fake
 def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     C = x.shape[1]
     return x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_with_stats", mutates_args=())
 @backend.launches_on_input_device
-def bn_add_relu_with_stats_op(
+def _bn_add_relu_with_stats(
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
@@ -365,8 +379,13 @@ def bn_add_relu_with_stats_op(
     return bn_add_relu_forward(x, layout, ChannelNorm(mean, invstd, weight, bias), 0.0, False, residual, r_norm)
 
 
+bn_add_relu_with_stats_op = torch.library.custom_op("fused_resnet::bn_add_relu_with_stats",
+                                                    mutates_args=())(_bn_add_relu_with_stats)
+
+
 @bn_add_relu_with_stats_op.register_fake
-def _bn_add_relu_with_stats_fake(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight, r_bias):
+def _bn_add_relu_with_stats_fake(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight,
+                                 r_bias):
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
@@ -410,9 +429,11 @@ class Conv1x1Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p_weight, p_bias, p_mean, p_invstd, p_training, stride, with_stats,
                 running_mean, running_var, num_batches_tracked, momentum, eps):
-        y, mean, invstd = torch.ops.fused_resnet.conv1x1_forward(
-            x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
-            running_mean, running_var, num_batches_tracked, momentum, eps)
+        y, mean, invstd = backend.call_op(
+            torch.ops.fused_resnet.conv1x1_forward, _conv1x1_forward,
+            (x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
+             running_mean, running_var, num_batches_tracked, momentum, eps),
+            mutated=(running_mean, running_var, num_batches_tracked))
         ctx.mark_non_differentiable(mean, invstd)
         ctx.save_for_backward(x, weight, p_mean, p_invstd, p_weight, p_bias)
         ctx.config = (stride, bias is not None, p_training)
@@ -423,9 +444,10 @@ class Conv1x1Function(torch.autograd.Function):
         x, weight, p_mean, p_invstd, p_weight, p_bias = ctx.saved_tensors
         stride, has_bias, p_training = ctx.config
         needs = ctx.needs_input_grad
-        dx, dw, db, dpw, dpb = torch.ops.fused_resnet.conv1x1_backward(
-            dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
-            [needs[0], needs[1], needs[2], needs[3], needs[4]])
+        dx, dw, db, dpw, dpb = backend.call_op(
+            torch.ops.fused_resnet.conv1x1_backward, _conv1x1_backward,
+            (dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
+             [needs[0], needs[1], needs[2], needs[3], needs[4]]))
 
         def some(t, need):
             return t if need else None
@@ -455,11 +477,13 @@ class Conv1x1PairFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, weight2, bias2, stride2, s1_mean, s1_var, s1_count, s1_momentum, s1_eps,
                 s2_mean, s2_var, s2_count, s2_momentum, s2_eps):
-        ops = torch.ops.fused_resnet
-        y, mean, invstd = ops.conv1x1_forward(x, weight, bias, 1, None, None, None, None, True, s1_mean, s1_var,
-                                              s1_count, s1_momentum, s1_eps)
-        y2, mean2, invstd2 = ops.conv1x1_forward(x, weight2, bias2, stride2, None, None, None, None, True, s2_mean,
-                                                 s2_var, s2_count, s2_momentum, s2_eps)
+        op = torch.ops.fused_resnet.conv1x1_forward
+        y, mean, invstd = backend.call_op(
+            op, _conv1x1_forward, (x, weight, bias, 1, None, None, None, None, True, s1_mean, s1_var, s1_count,
+                                   s1_momentum, s1_eps), mutated=(s1_mean, s1_var, s1_count))
+        y2, mean2, invstd2 = backend.call_op(
+            op, _conv1x1_forward, (x, weight2, bias2, stride2, None, None, None, None, True, s2_mean, s2_var,
+                                   s2_count, s2_momentum, s2_eps), mutated=(s2_mean, s2_var, s2_count))
         ctx.mark_non_differentiable(mean, invstd, mean2, invstd2)
         ctx.save_for_backward(x, weight, weight2)
         ctx.config = (stride2, bias is not None, bias2 is not None)
@@ -470,9 +494,10 @@ class Conv1x1PairFunction(torch.autograd.Function):
         x, weight, weight2 = ctx.saved_tensors
         stride2, has_bias, has_bias2 = ctx.config
         needs = ctx.needs_input_grad
-        dx, dw, db, dw2, db2 = torch.ops.fused_resnet.conv1x1_pair_backward(
-            dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
-            [needs[0], needs[1], needs[2], needs[3], needs[4]])
+        dx, dw, db, dw2, db2 = backend.call_op(
+            torch.ops.fused_resnet.conv1x1_pair_backward, _conv1x1_pair_backward,
+            (dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
+             [needs[0], needs[1], needs[2], needs[3], needs[4]]))
 
         def some(t, need):
             return t if need else None
@@ -495,8 +520,10 @@ def conv1x1_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Outpu
 def batch_stats(x: Tensor, stats: OutputStats) -> tuple[Tensor, Tensor]:
     """(mean, invstd) of x on the Triton path, running statistics updated. Not
     differentiable: the consumer's backward (a prologue's) carries the statistics' terms."""
-    return torch.ops.fused_resnet.batch_stats(x.detach(), stats.running_mean, stats.running_var,
-                                              stats.num_batches_tracked, stats.momentum, stats.eps)
+    return backend.call_op(torch.ops.fused_resnet.batch_stats, _batch_stats,
+                           (x.detach(), stats.running_mean, stats.running_var, stats.num_batches_tracked,
+                            stats.momentum, stats.eps),
+                           mutated=(stats.running_mean, stats.running_var, stats.num_batches_tracked))
 
 
 class BnAddReLUWithStatsFunction(torch.autograd.Function):
@@ -507,8 +534,9 @@ class BnAddReLUWithStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, r_weight, r_bias, mean, invstd, r_mean, r_invstd, residual_mode):
-        y = torch.ops.fused_resnet.bn_add_relu_with_stats(x, mean, invstd, weight, bias, residual_mode, residual,
-                                                          r_mean, r_invstd, r_weight, r_bias)
+        y = backend.call_op(torch.ops.fused_resnet.bn_add_relu_with_stats, _bn_add_relu_with_stats,
+                            (x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight,
+                             r_bias))
         is_bn = residual_mode == RESIDUAL_BN
         ctx.save_for_backward(x, y, mean, invstd, weight, bias, residual if is_bn else None, r_mean, r_invstd,
                               r_weight, r_bias)
@@ -522,10 +550,11 @@ class BnAddReLUWithStatsFunction(torch.autograd.Function):
         is_bn = mode == RESIDUAL_BN
         needs = ctx.needs_input_grad
         empty = x.new_empty(_EMPTY, dtype=torch.float32)
-        dx, d_res, dw, db, r_dw, r_db = torch.ops.fused_resnet.bn_add_relu_backward(
-            dy, y, x, mean, invstd, None, None, weight, bias, True, 0.0, mode, residual,
-            r_mean if is_bn else empty, r_invstd if is_bn else empty, None, None, r_weight, r_bias, True, 0.0,
-            [needs[1], needs[2], needs[4] and is_bn, needs[5] and is_bn])
+        dx, d_res, dw, db, r_dw, r_db = backend.call_op(
+            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
+            (dy, y, x, mean, invstd, None, None, weight, bias, True, 0.0, mode, residual,
+             r_mean if is_bn else empty, r_invstd if is_bn else empty, None, None, r_weight, r_bias, True, 0.0,
+             [needs[1], needs[2], needs[4] and is_bn, needs[5] and is_bn]))
 
         def some(t, need):
             return t if need else None
@@ -552,9 +581,9 @@ def conv1x1_bn_eval(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
                     prologue: Optional[Prologue] = None) -> Tensor:
     """[relu](bn(conv1x1(a)) [+ residual]) in one kernel on the Triton path (no autograd)."""
     p = prologue if prologue is not None else Prologue(None, None, None, None, False)
-    return torch.ops.fused_resnet.conv1x1_bn_eval(x, weight, bias, stride, p.mean, p.invstd, p.weight, p.bias,
-                                                  running_mean, running_var, bn_weight, bn_bias, eps, residual,
-                                                  relu)
+    return backend.call_op(torch.ops.fused_resnet.conv1x1_bn_eval, _conv1x1_bn_eval,
+                           (x, weight, bias, stride, p.mean, p.invstd, p.weight, p.bias, running_mean, running_var,
+                            bn_weight, bn_bias, eps, residual, relu))
 
 
 def running_invstd(running_var: Tensor, eps: float) -> Tensor:

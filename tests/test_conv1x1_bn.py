@@ -5,9 +5,9 @@ The bar: fp32 within 4x eager fp32's own error against float64 with TF32 off (bo
 IEEE fp32 products), within a TF32-sized bound with TF32 on (``TF32_FLOOR``); fp16 / bf16 no
 worse than eager in the same dtype (both measured here, per output and gradient, as the
 largest absolute error). The fp32 tests set cuDNN's convolution precision, which the fused
-GEMMs follow too, so they hold on a GPU whatever its default. Marked ``both``: on the PyTorch CPU path the functions are the
-eager sequence itself; in the TRITON_INTERPRET=1 process they run the kernels (tl.dot
-included) on channels_last CPU tensors. Shapes fit no tile: C_in = 20, C_out = 23,
+GEMMs follow too, so they hold on a GPU whatever its default. Marked ``both``: on the
+PyTorch CPU path the functions are the eager sequence itself; in the TRITON_INTERPRET=1
+process they run the kernels (tl.dot included) on channels_last CPU tensors. Shapes fit no tile: C_in = 20, C_out = 23,
 M = 40 (stride 1: three 16-row tiles, the statistics merged across them) or 12 (stride 2).
 """
 from __future__ import annotations
