@@ -102,6 +102,18 @@ def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
             forward().backward(dy)
         return run
 
+    from fused_resnet.conv1x1_bn import conv1x1_bn_relu
+
+    xc = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wc = torch.randn(C, C, 1, 1, requires_grad=True)
+
+    def fused_conv_train():
+        return conv1x1_bn_relu(xc, wc, None, rm, rv, w, b, True, 0.1, 1e-5, num_batches_tracked=nbt)
+
+    def eager_conv_train():
+        nbt.add_(1)
+        return torch.relu_(F.batch_norm(F.conv2d(xc, wc), rm, rv, w, b, True, 0.1, 1e-5))
+
     def fused_add_relu():
         with torch.no_grad():
             return fused_resnet.add_relu(x, r)
@@ -114,7 +126,8 @@ def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
             "bn_add_relu eval forward": (fused_add_eval, eager_add_eval),
             "bn_relu train forward": (fused_train, eager_train),
             "bn_relu train forward+backward": (step(fused_train), step(eager_train)),
-            "add_relu forward": (fused_add_relu, eager_add_relu)}
+            "add_relu forward": (fused_add_relu, eager_add_relu),
+            "conv1x1_bn_relu train fwd+bwd": (step(fused_conv_train), step(eager_conv_train))}
 
 
 def measure(repeats: int = 1000) -> list[dict]:
