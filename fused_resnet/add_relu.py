@@ -9,28 +9,37 @@ import torch
 from torch import Tensor
 
 from . import backend
-from .bn_add_relu import _dense
+from .bn_add_relu import _dense, empty_dense_like
 from .kernels import add_relu_backward, add_relu_forward, as_layout, layout_of
 from .validation import check_like
 
 
-@torch.library.custom_op("fused_resnet::add_relu", mutates_args=())
-def add_relu_op(a: Tensor, b: Tensor) -> Tensor:
+@backend.launches_on_input_device
+def _add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
-        return torch.add(a, b).relu_()
+        # Into a's dense layout, which the fake claims (TensorIterator would follow a and b's strides).
+        return torch.add(a, b, out=empty_dense_like(a)).relu_()
+    if a.numel() == 0:
+        return empty_dense_like(a)
     a = _dense(a) if a.dim() == 4 else a.contiguous()
     return add_relu_forward(a, _in_layout_of(b, a))
 
 
+add_relu_op = torch.library.custom_op("fused_resnet::add_relu", mutates_args=())(_add_relu)
+
+
 @add_relu_op.register_fake
 def _(a, b):
-    return torch.empty_like(a)
+    return empty_dense_like(a)
 
 
 @torch.library.custom_op("fused_resnet::add_relu_backward", mutates_args=())
+@backend.launches_on_input_device
 def add_relu_backward_op(dy: Tensor, y: Tensor) -> Tensor:
     if not backend.use_triton(y):
         return torch.ops.aten.threshold_backward(dy, y, 0)
+    if y.numel() == 0:
+        return torch.empty_like(y)
     return add_relu_backward(_in_layout_of(dy, y), y)
 
 
@@ -67,4 +76,7 @@ def add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         # Eager's own ops, differentiated by autograd: no custom-op dispatch cost on the CPU.
         return torch.add(a, b).relu_()
+    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        # No gradient wanted: the implementation itself in an eager call (no dispatcher, no autograd).
+        return backend.call_op(torch.ops.fused_resnet.add_relu, _add_relu, (a, b))
     return torch.ops.fused_resnet.add_relu(a, b)

@@ -11,10 +11,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,3 +72,49 @@ def use_triton(t: torch.Tensor) -> bool:
             raise RuntimeError(problem)
         return True
     return False
+
+
+_NO_DEVICE_GUARD = contextlib.nullcontext()
+
+
+def launch_device(t: torch.Tensor):
+    """The context every kernel launch runs in: ``t``'s CUDA device made current (Triton
+    compiles for and launches on the current device), a no-op for CPU tensors."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return _NO_DEVICE_GUARD
+
+
+def launches_on_input_device(op: Callable) -> Callable:
+    """Decorates an op's implementation: its launches run under its first argument's device
+    (``launch_device``), whatever device is current when it is called."""
+
+    @functools.wraps(op)
+    def on_input_device(x, *args, **kwargs):
+        with launch_device(x):
+            return op(x, *args, **kwargs)
+
+    # torch.library infers the op's schema from this signature: the op's own, annotations resolved.
+    on_input_device.__signature__ = inspect.signature(op, eval_str=True)
+    return on_input_device
+
+
+def eager_call(x: torch.Tensor) -> bool:
+    """Whether an op call may skip the ``torch.library`` dispatcher and run the op's
+    implementation: an eager call on a plain tensor. Compiling, exporting and tracing (fake
+    or functional tensors, a dispatch mode, torch.jit.trace) go through the op, so the graph holds one node.
+    The dispatcher costs as much host time as the rest of the op (``tools/host_time.py``)."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._get_tracing_state())
+
+
+def call_op(op: Callable, implementation: Callable, args: tuple, mutated: tuple = ()):
+    """``op(*args)``, or in an eager call (``eager_call``) ``implementation(*args)`` with the
+    version counters of the ``mutated`` tensors bumped, as the dispatcher would."""
+    if not eager_call(args[0]):
+        return op(*args)
+    out = implementation(*args)
+    for t in mutated:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+    return out

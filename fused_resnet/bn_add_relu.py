@@ -47,11 +47,35 @@ def _no_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(_EMPTY, dtype=stats_dtype(x)), x.new_empty(_EMPTY, dtype=stats_dtype(x))
 
 
+def count_empty_batch(training: bool, running_mean: Optional[Tensor], num_batches_tracked: Optional[Tensor]) -> None:
+    """nn.BatchNorm2d on an empty batch: the running statistics stay as they are, the batch
+    is still counted (num_batches_tracked + 1 in training)."""
+    if training and running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+
+
+def empty_batch_stats(x: Tensor, batch: bool) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) of an empty batch: zeros per channel (nothing reads them), or empty in eval."""
+    if not batch:
+        return _no_stats(x)
+    zeros = x.new_zeros((x.shape[1],), dtype=stats_dtype(x))
+    return zeros, zeros.clone()
+
+
 def _dense(x: Tensor) -> Tensor:
     """x itself when it is dense NCHW or channels_last, else one NCHW copy."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
+
+
+def empty_dense_like(x: Tensor) -> Tensor:
+    """An uninitialised tensor in the layout the ops give an output of x's shape: ``_dense(x)``'s,
+    without the copy. The fakes claim exactly the strides the real ops return (else Inductor
+    miscompiles around the op)."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -85,12 +109,8 @@ def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracke
     return (ChannelNorm(running_mean, running_var, weight, bias), True, *_no_stats(x))
 
 
-@torch.library.custom_op(
-    "fused_resnet::bn_add_relu_forward",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked",
-                  "r_running_mean", "r_running_var", "r_num_batches_tracked"),
-)
-def bn_add_relu_forward_op(
+@backend.launches_on_input_device
+def bn_add_relu_forward_implementation(
     x: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -125,6 +145,8 @@ def bn_add_relu_forward_op(
         running_mean, running_var = eval_mean, eval_var
     if not r_training:
         r_running_mean, r_running_var = r_eval_mean, r_eval_var
+    # Both branches compute on a dense x, so y has the layout the fake claims.
+    x = _dense(x)
     if not backend.use_triton(x):
         y, mean, invstd = _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias,
                                         training, momentum, eps)
@@ -137,7 +159,15 @@ def bn_add_relu_forward_op(
             y.add_(residual)
         return y.relu_(), mean, invstd, r_mean, r_invstd
 
-    x = _dense(x)
+    if x.numel() == 0:
+        # An empty batch launches nothing (the statistics kernel would read x[0]).
+        count_empty_batch(training, running_mean, num_batches_tracked)
+        mean, invstd = empty_batch_stats(x, training)
+        r_mean, r_invstd = _no_stats(x)
+        if is_bn:
+            count_empty_batch(r_training, r_running_mean, r_num_batches_tracked)
+            r_mean, r_invstd = empty_batch_stats(x, r_training)
+        return torch.empty_like(x), mean, invstd, r_mean, r_invstd
     layout = layout_of(x)
     norm, from_var, mean, invstd = _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked,
                                                        weight, bias, training, momentum, eps)
@@ -154,6 +184,13 @@ def bn_add_relu_forward_op(
     return y, mean, invstd, r_mean, r_invstd
 
 
+bn_add_relu_forward_op = torch.library.custom_op(
+    "fused_resnet::bn_add_relu_forward",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked",
+                  "r_running_mean", "r_running_var", "r_num_batches_tracked"),
+)(bn_add_relu_forward_implementation)
+
+
 @bn_add_relu_forward_op.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight, bias, training, momentum,
       eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var,
@@ -166,7 +203,7 @@ def _(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, we
 
     mean, invstd = stats(training)
     r_mean, r_invstd = stats(r_training and residual_mode == RESIDUAL_BN)
-    return torch.empty_like(x), mean, invstd, r_mean, r_invstd
+    return empty_dense_like(x), mean, invstd, r_mean, r_invstd
 
 
 # ---------------------------------------------------------------------------- backward
@@ -203,8 +240,8 @@ def _grad_or_empty(grad: Optional[Tensor], param: Optional[Tensor], need: bool, 
     return grad.to(param.dtype)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_backward", mutates_args=())
-def bn_add_relu_backward_op(
+@backend.launches_on_input_device
+def bn_add_relu_backward_implementation(
     dy: Tensor,
     y: Tensor,
     x: Tensor,
@@ -234,7 +271,17 @@ def bn_add_relu_backward_op(
     """
     need_w, need_b, need_rw, need_rb = output_mask
     is_bn = residual_mode == RESIDUAL_BN
-    if not backend.use_triton(x):
+    # Both branches compute in a dense x's layout, so the gradients have the layout the fake claims.
+    x = _dense(x)
+    layout = layout_of(x)
+    if residual is not None:
+        residual = as_layout(residual, layout)
+    if x.numel() == 0:
+        # An empty batch launches nothing: empty input gradients, zero parameter gradients (as eager).
+        dw, db, r_dw, r_db = (x.new_zeros((x.shape[1],), dtype=stats_dtype(x)) for _ in range(4))
+        dx = torch.empty_like(x)
+        d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else None
+    elif not backend.use_triton(x):
         g = torch.ops.aten.threshold_backward(dy, y, 0)
         dx, dw, db = _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd, training, eps)
         d_res, r_dw, r_db = None, None, None
@@ -242,10 +289,8 @@ def bn_add_relu_backward_op(
             d_res, r_dw, r_db = _bn_backward_composite(g, residual, r_weight, r_running_mean, r_running_var,
                                                        r_mean, r_invstd, r_training, r_eps)
         elif residual_mode == RESIDUAL_ADD:
-            d_res = g
+            d_res = as_layout(g, layout)
     else:
-        x = _dense(x)
-        layout = layout_of(x)
         dy, y = as_layout(dy, layout), as_layout(y, layout)
 
         def norm_of(m, s, rm, rv, w, b, batch, e):
@@ -253,8 +298,6 @@ def bn_add_relu_backward_op(
 
         norm = norm_of(mean, invstd, running_mean, running_var, weight, bias, training, eps)
         r_norm = None
-        if residual is not None:
-            residual = as_layout(residual, layout)
         if is_bn:
             r_norm = norm_of(r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps)
         dx, d_res, dw, db, r_dw, r_db = bn_add_relu_backward(
@@ -266,6 +309,10 @@ def bn_add_relu_backward_op(
             _grad_or_empty(r_dw, r_weight, need_rw and is_bn, x), _grad_or_empty(r_db, r_bias, need_rb and is_bn, x))
 
 
+bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward",
+                                                  mutates_args=())(bn_add_relu_backward_implementation)
+
+
 @bn_add_relu_backward_op.register_fake
 def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps, residual_mode, residual,
       r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps, output_mask):
@@ -275,8 +322,9 @@ def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training,
     def grad(p, need):
         return torch.empty_like(p) if (p is not None and need) else x.new_empty(_EMPTY)
 
-    d_res = torch.empty_like(x) if residual_mode != RESIDUAL_NONE else x.new_empty(_EMPTY)
-    return (torch.empty_like(x), d_res, grad(weight, need_w), grad(bias, need_b),
+    dx = empty_dense_like(x)
+    d_res = empty_dense_like(x) if residual_mode != RESIDUAL_NONE else x.new_empty(_EMPTY)
+    return (dx, d_res, grad(weight, need_w), grad(bias, need_b),
             grad(r_weight, need_rw and is_bn), grad(r_bias, need_rb and is_bn))
 
 
@@ -294,6 +342,19 @@ def stat_slots(training: bool, running_mean, running_var, num_batches_tracked) -
     return None, None, None, running_mean, running_var
 
 
+def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum,
+                             eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked,
+                             r_weight, r_bias, r_training, r_momentum, r_eps) -> tuple:
+    """The forward op (its implementation directly in an eager call, ``backend.call_op``)."""
+    slots = stat_slots(training, running_mean, running_var, num_batches_tracked)
+    r_slots = stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked)
+    return backend.call_op(
+        torch.ops.fused_resnet.bn_add_relu_forward, bn_add_relu_forward_implementation,
+        (x, *slots, weight, bias, training, momentum, eps, residual_mode, residual, *r_slots, r_weight, r_bias,
+         r_training, r_momentum, r_eps),
+        mutated=slots[:3] + r_slots[:3])
+
+
 class BnAddReLUFunction(torch.autograd.Function):
     """Ties the forward op (which mutates the running statistics) to the backward op."""
 
@@ -302,11 +363,10 @@ class BnAddReLUFunction(torch.autograd.Function):
                 running_mean, running_var, num_batches_tracked, training, momentum, eps,
                 residual_mode, r_running_mean, r_running_var, r_num_batches_tracked,
                 r_training, r_momentum, r_eps):
-        y, mean, invstd, r_mean, r_invstd = torch.ops.fused_resnet.bn_add_relu_forward(
-            x, *stat_slots(training, running_mean, running_var, num_batches_tracked), weight, bias, training,
-            momentum, eps, residual_mode, residual,
-            *stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked), r_weight, r_bias,
-            r_training, r_momentum, r_eps)
+        y, mean, invstd, r_mean, r_invstd = bn_add_relu_forward_call(
+            x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps, residual_mode,
+            residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias, r_training,
+            r_momentum, r_eps)
         is_bn = residual_mode == RESIDUAL_BN
         # What eager PyTorch keeps alive: x and y (the ReLU mask), the residual only when it
         # is itself normalised, and the running statistics only where they normalised.
@@ -326,10 +386,11 @@ class BnAddReLUFunction(torch.autograd.Function):
         training, eps, residual_mode, r_training, r_eps = ctx.config
         needs = ctx.needs_input_grad
         output_mask = [needs[1], needs[2], needs[4], needs[5]]
-        dx, d_res, dw, db, r_dw, r_db = torch.ops.fused_resnet.bn_add_relu_backward(
-            dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
-            residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
-            r_training, r_eps, output_mask)
+        dx, d_res, dw, db, r_dw, r_db = backend.call_op(
+            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
+            (dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
+             residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
+             r_training, r_eps, output_mask))
 
         def some(t, need):
             return t if need else None
@@ -349,6 +410,13 @@ def _bn_add_relu(x, weight, bias, residual, r_weight, r_bias, running_mean, runn
     PyTorch's own sequence, in place where eager allocates, differentiated by autograd:
     the same bits as eager, without the custom-op dispatch cost (~25 us a call on a CPU)."""
     if backend.use_triton(x):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (x, weight, bias, residual, r_weight, r_bias))):
+            # No gradient wanted: the forward op alone, without the autograd Function's cost.
+            return bn_add_relu_forward_call(
+                x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,
+                residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+                r_training, r_momentum, r_eps)[0]
         return BnAddReLUFunction.apply(
             x, weight, bias, residual, r_weight, r_bias, running_mean, running_var, num_batches_tracked,
             training, momentum, eps, residual_mode, r_running_mean, r_running_var, r_num_batches_tracked,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
-from .bn_add_relu import _momentum_factor, bn_add_relu, bn_relu
+from .bn_add_relu import _momentum_factor, bn_add_relu, bn_add_relu_backward_implementation, bn_relu, count_empty_batch
 from .kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE, ChannelNorm, bn_add_relu_forward, bn_stats, layout_of
 from .kernels.conv1x1_bn import (
     conv1x1_dgrad,
@@ -66,17 +66,37 @@ def _norm(mean, invstd, weight, bias) -> Optional[ChannelNorm]:
     return None if mean is None else ChannelNorm(mean, invstd, weight, bias)
 
 
-def allow_tf32() -> bool:
-    """Whether an fp32 convolution would use TF32 now (cuDNN's flag, as F.conv2d reads it)."""
+def _no_pixels(x: Tensor) -> bool:
+    """An empty batch (or map): the ops launch nothing and return their fake's outputs zeroed
+    (empty activations and gradients, zero parameter gradients, as eager)."""
+    return x.shape[0] * x.shape[2] * x.shape[3] == 0
+
+
+def _zeroed(outputs):
+    return tuple(t.zero_() for t in outputs) if isinstance(outputs, tuple) else outputs.zero_()
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """Whether F.conv2d would compute an fp32 convolution with TF32 now: cuDNN's convolution
+    precision ``torch.backends.cudnn.conv.fp32_precision == "tf32"`` (its getter resolves
+    "none" through ``torch.backends.cudnn.fp32_precision`` and ``torch.backends.fp32_precision``,
+    and cuDNN takes TF32 only on "tf32"), or, on a torch without that API, the legacy
+    ``torch.backends.cudnn.allow_tf32`` (which raises once the new API has been used). Never
+    read for 16-bit inputs. The ops read it when they run, so a compiled graph (which cannot
+    trace the getter) never bakes in a stale value."""
+    if dtype != torch.float32:
+        return False
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None:
+        return conv.fp32_precision == "tf32"
     return bool(torch.backends.cudnn.allow_tf32)
 
 
 # ----------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_forward",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def conv1x1_forward_op(
+@backend.launches_on_input_device
+def _conv1x1_forward(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -91,16 +111,19 @@ def conv1x1_forward_op(
     num_batches_tracked: Optional[Tensor],
     momentum: Optional[float],
     eps: float,
-    allow_tf32: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, invstd): y = conv1x1(a) with a = relu(bn_p(x)) when ``p_mean`` is given
     (p_invstd = 1/sqrt(var + eps)), else a = x. ``with_stats``: mean and 1/sqrt(var +
     eps) of y for the BatchNorm that follows, whose running statistics are updated in
     place; else both are empty. y is channels_last."""
     _require_triton(x, "conv1x1_forward")
-    x = _nhwc(x)
+    if _no_pixels(x):
+        count_empty_batch(with_stats, running_mean, num_batches_tracked)
+        return _zeroed(_conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
+                                             running_mean, running_var, num_batches_tracked, momentum, eps))
+    x, tf32 = _nhwc(x), allow_tf32(x.dtype)
     y, partials, tile_rows = conv1x1_forward(x, weight, bias, stride, _norm(p_mean, p_invstd, p_weight, p_bias),
-                                             stats=with_stats, allow_tf32=allow_tf32)
+                                             stats=with_stats, allow_tf32=tf32)
     if not with_stats:
         return y, x.new_empty(_EMPTY, dtype=torch.float32), x.new_empty(_EMPTY, dtype=torch.float32)
     mean, invstd = conv1x1_stats_finalize(partials, geometry_of(x, weight, stride).M, tile_rows,
@@ -113,9 +136,14 @@ def _output_shape(x: Tensor, weight: Tensor, stride: int) -> tuple[int, int, int
     return geo.N, geo.C_out, geo.H_out, geo.W_out
 
 
+conv1x1_forward_op = torch.library.custom_op(
+    "fused_resnet::conv1x1_forward", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(
+    _conv1x1_forward)
+
+
 @conv1x1_forward_op.register_fake
-def _(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean, running_var,
-      num_batches_tracked, momentum, eps, allow_tf32):
+def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean,
+                          running_var, num_batches_tracked, momentum, eps):
     y = x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
     shape = (weight.shape[0],) if with_stats else _EMPTY
     return y, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
@@ -126,8 +154,8 @@ def _grad_or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(_EMPTY) if grad is None else grad
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_backward", mutates_args=())
-def conv1x1_backward_op(
+@backend.launches_on_input_device
+def _conv1x1_backward(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -138,27 +166,29 @@ def conv1x1_backward_op(
     p_weight: Optional[Tensor],
     p_bias: Optional[Tensor],
     p_training: bool,
-    allow_tf32: bool,
     output_mask: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_weight, d_bias, d_p_weight, d_p_bias) of ``conv1x1_forward`` (empty = not
     asked for). ``output_mask`` = [x, weight, bias, p_weight, p_bias] need a gradient.
     ``p_training``: p_mean / p_invstd are x's batch statistics (their terms enter dx)."""
     _require_triton(x, "conv1x1_backward")
+    if _no_pixels(x):
+        return _zeroed(_conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias,
+                                              p_training, output_mask))
     need_x, need_w, need_b, need_pw, need_pb = output_mask
-    x, dy = _nhwc(x), _nhwc(dy)
+    x, dy, tf32 = _nhwc(x), _nhwc(dy), allow_tf32(x.dtype)
     prologue = _norm(p_mean, p_invstd, p_weight, p_bias)
     dx = dw = db = dpw = dpb = None
     need_pw, need_pb = need_pw and prologue is not None, need_pb and prologue is not None
     need_dgrad, need_wgrad = need_x or need_pw or need_pb, need_w or (need_b and has_bias)
     if need_dgrad and need_wgrad:
         g, partials, (dw, db), _ = conv1x1_dgrad_wgrad(dy, weight, x, stride, prologue,
-                                                       bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
+                                                       bias_grad=need_b and has_bias, allow_tf32=tf32)
     elif need_dgrad:
-        g, partials = conv1x1_dgrad(dy, weight, x, stride, prologue, allow_tf32=allow_tf32)
+        g, partials = conv1x1_dgrad(dy, weight, x, stride, prologue, allow_tf32=tf32)
     elif need_wgrad:
         dw, db = conv1x1_wgrad(dy, x, weight, stride, prologue, bias_grad=need_b and has_bias,
-                               allow_tf32=allow_tf32)
+                               allow_tf32=tf32)
     if need_dgrad:
         if prologue is None:
             dx = g
@@ -169,8 +199,13 @@ def conv1x1_backward_op(
             _grad_or_empty(db, x), _grad_or_empty(dpw, x), _grad_or_empty(dpb, x))
 
 
+conv1x1_backward_op = torch.library.custom_op("fused_resnet::conv1x1_backward",
+                                              mutates_args=())(_conv1x1_backward)
+
+
 @conv1x1_backward_op.register_fake
-def _(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, allow_tf32, output_mask):
+def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
+                           output_mask):
     need_x, need_w, need_b, need_pw, need_pb = output_mask
     prologue = p_mean is not None
 
@@ -183,8 +218,8 @@ def _(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_tra
             grad(p_bias, need_pb and prologue and p_bias is not None))
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_pair_backward", mutates_args=())
-def conv1x1_pair_backward_op(
+@backend.launches_on_input_device
+def _conv1x1_pair_backward(
     dy: Tensor,
     dy2: Tensor,
     x: Tensor,
@@ -193,7 +228,6 @@ def conv1x1_pair_backward_op(
     stride2: int,
     has_bias: bool,
     has_bias2: bool,
-    allow_tf32: bool,
     output_mask: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_weight, d_bias, d_weight2, d_bias2) of two 1x1 convolutions of the same x
@@ -201,31 +235,38 @@ def conv1x1_pair_backward_op(
     the second's gradient added in the first's epilogue, never by a separate pass.
     ``output_mask`` = [x, weight, bias, weight2, bias2] need a gradient."""
     _require_triton(x, "conv1x1_pair_backward")
+    if _no_pixels(x):
+        return _zeroed(_conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
+                                                   output_mask))
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
-    x, dy, dy2 = _nhwc(x), _nhwc(dy), _nhwc(dy2)
+    x, dy, dy2, tf32 = _nhwc(x), _nhwc(dy), _nhwc(dy2), allow_tf32(x.dtype)
     dx = dw = db = dw2 = db2 = None
     need_wgrad, need_wgrad2 = need_w or (need_b and has_bias), need_w2 or (need_b2 and has_bias2)
     if need_x and need_wgrad and need_wgrad2 and stride2 == 1:
         dx, _, (dw, db), (dw2, db2) = conv1x1_dgrad_wgrad(
             dy, weight, x, 1, second=(dy2, weight2), bias_grad=need_b and has_bias,
-            bias_grad2=need_b2 and has_bias2, allow_tf32=allow_tf32)
+            bias_grad2=need_b2 and has_bias2, allow_tf32=tf32)
     else:
         if need_x and stride2 == 1:
-            dx, _ = conv1x1_dgrad(dy, weight, x, 1, second=(dy2, weight2), allow_tf32=allow_tf32)
+            dx, _ = conv1x1_dgrad(dy, weight, x, 1, second=(dy2, weight2), allow_tf32=tf32)
         elif need_x:
-            dx2, _ = conv1x1_dgrad(dy2, weight2, x, stride2, allow_tf32=allow_tf32)
-            dx, _ = conv1x1_dgrad(dy, weight, x, 1, add=dx2, allow_tf32=allow_tf32)
+            dx2, _ = conv1x1_dgrad(dy2, weight2, x, stride2, allow_tf32=tf32)
+            dx, _ = conv1x1_dgrad(dy, weight, x, 1, add=dx2, allow_tf32=tf32)
         if need_wgrad:
-            dw, db = conv1x1_wgrad(dy, x, weight, 1, bias_grad=need_b and has_bias, allow_tf32=allow_tf32)
+            dw, db = conv1x1_wgrad(dy, x, weight, 1, bias_grad=need_b and has_bias, allow_tf32=tf32)
         if need_wgrad2:
             dw2, db2 = conv1x1_wgrad(dy2, x, weight2, stride2, bias_grad=need_b2 and has_bias2,
-                                     allow_tf32=allow_tf32)
+                                     allow_tf32=tf32)
     return (_grad_or_empty(dx, x), _grad_or_empty(dw if need_w else None, x), _grad_or_empty(db, x),
             _grad_or_empty(dw2 if need_w2 else None, x), _grad_or_empty(db2, x))
 
 
+conv1x1_pair_backward_op = torch.library.custom_op("fused_resnet::conv1x1_pair_backward",
+                                                   mutates_args=())(_conv1x1_pair_backward)
+
+
 @conv1x1_pair_backward_op.register_fake
-def _(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, allow_tf32, output_mask):
+def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, output_mask):
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
 
     def grad(like, need):
@@ -237,8 +278,8 @@ def _(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, allow_tf32, out
             x.new_empty((weight2.shape[0],)) if (need_b2 and has_bias2) else x.new_empty(_EMPTY))
 
 
-@torch.library.custom_op("fused_resnet::conv1x1_bn_eval", mutates_args=())
-def conv1x1_bn_eval_op(
+@backend.launches_on_input_device
+def _conv1x1_bn_eval(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -254,29 +295,34 @@ def conv1x1_bn_eval_op(
     eps: float,
     residual: Optional[Tensor],
     relu: bool,
-    allow_tf32: bool,
 ) -> Tensor:
     """``[relu](bn(conv1x1(a)) [+ residual])`` with bn from its running statistics, one
     kernel (inference: no autograd). a as in ``conv1x1_forward``."""
     _require_triton(x, "conv1x1_bn_eval")
-    x = _nhwc(x)
+    if _no_pixels(x):
+        return _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean,
+                                     running_var, bn_weight, bn_bias, eps, residual, relu)
+    x, tf32 = _nhwc(x), allow_tf32(x.dtype)
     if residual is not None:
         residual = _nhwc(residual)
     y, _, _ = conv1x1_forward(x, weight, bias, stride, _norm(p_mean, p_invstd, p_weight, p_bias),
                               eval_norm=ChannelNorm(running_mean, running_var, bn_weight, bn_bias), eval_eps=eps,
-                              residual=residual, relu=relu, allow_tf32=allow_tf32)
+                              residual=residual, relu=relu, allow_tf32=tf32)
     return y
 
 
+conv1x1_bn_eval_op = torch.library.custom_op("fused_resnet::conv1x1_bn_eval",
+                                             mutates_args=())(_conv1x1_bn_eval)
+
+
 @conv1x1_bn_eval_op.register_fake
-def _(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var, bn_weight, bn_bias,
-      eps, residual, relu, allow_tf32):
+def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var,
+                          bn_weight, bn_bias, eps, residual, relu):
     return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("fused_resnet::batch_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def batch_stats_op(
+@backend.launches_on_input_device
+def _batch_stats(
     x: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
@@ -287,18 +333,25 @@ def batch_stats_op(
     """(mean, 1/sqrt(var + eps)) of x per channel, fp32, updating the running statistics
     as ``nn.BatchNorm2d`` does (``bn_stats``)."""
     _require_triton(x, "batch_stats")
+    if x.numel() == 0:
+        count_empty_batch(True, running_mean, num_batches_tracked)
+        return _zeroed(_batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps))
     x = x if (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) else x.contiguous()
     return bn_stats(x, layout_of(x), running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
+batch_stats_op = torch.library.custom_op(
+    "fused_resnet::batch_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(_batch_stats)
+
+
 @batch_stats_op.register_fake
-def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     C = x.shape[1]
     return x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fused_resnet::bn_add_relu_with_stats", mutates_args=())
-def bn_add_relu_with_stats_op(
+@backend.launches_on_input_device
+def _bn_add_relu_with_stats(
     x: Tensor,
     mean: Tensor,
     invstd: Tensor,
@@ -315,6 +368,9 @@ def bn_add_relu_with_stats_op(
     ``bn_add_relu``'s elementwise pass with statistics computed elsewhere (by a
     convolution's epilogue). Its backward is ``fused_resnet::bn_add_relu_backward``."""
     _require_triton(x, "bn_add_relu_with_stats")
+    if x.numel() == 0:
+        return _bn_add_relu_with_stats_fake(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd,
+                                            r_weight, r_bias)
     x = _nhwc(x)
     layout = layout_of(x)
     if residual is not None:
@@ -323,8 +379,13 @@ def bn_add_relu_with_stats_op(
     return bn_add_relu_forward(x, layout, ChannelNorm(mean, invstd, weight, bias), 0.0, False, residual, r_norm)
 
 
+bn_add_relu_with_stats_op = torch.library.custom_op("fused_resnet::bn_add_relu_with_stats",
+                                                    mutates_args=())(_bn_add_relu_with_stats)
+
+
 @bn_add_relu_with_stats_op.register_fake
-def _(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight, r_bias):
+def _bn_add_relu_with_stats_fake(x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight,
+                                 r_bias):
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
@@ -367,29 +428,32 @@ class Conv1x1Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, p_weight, p_bias, p_mean, p_invstd, p_training, stride, with_stats,
-                running_mean, running_var, num_batches_tracked, momentum, eps, tf32):
-        y, mean, invstd = torch.ops.fused_resnet.conv1x1_forward(
-            x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
-            running_mean, running_var, num_batches_tracked, momentum, eps, tf32)
+                running_mean, running_var, num_batches_tracked, momentum, eps):
+        y, mean, invstd = backend.call_op(
+            torch.ops.fused_resnet.conv1x1_forward, _conv1x1_forward,
+            (x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats,
+             running_mean, running_var, num_batches_tracked, momentum, eps),
+            mutated=(running_mean, running_var, num_batches_tracked))
         ctx.mark_non_differentiable(mean, invstd)
         ctx.save_for_backward(x, weight, p_mean, p_invstd, p_weight, p_bias)
-        ctx.config = (stride, bias is not None, p_training, tf32)
+        ctx.config = (stride, bias is not None, p_training)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _d_mean, _d_invstd):
         x, weight, p_mean, p_invstd, p_weight, p_bias = ctx.saved_tensors
-        stride, has_bias, p_training, tf32 = ctx.config
+        stride, has_bias, p_training = ctx.config
         needs = ctx.needs_input_grad
-        dx, dw, db, dpw, dpb = torch.ops.fused_resnet.conv1x1_backward(
-            dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training, tf32,
-            [needs[0], needs[1], needs[2], needs[3], needs[4]])
+        dx, dw, db, dpw, dpb = backend.call_op(
+            torch.ops.fused_resnet.conv1x1_backward, _conv1x1_backward,
+            (dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
+             [needs[0], needs[1], needs[2], needs[3], needs[4]]))
 
         def some(t, need):
             return t if need else None
 
         return (some(dx, needs[0]), some(dw, needs[1]), some(db, needs[2] and has_bias), some(dpw, needs[3]),
-                some(dpb, needs[4]), None, None, None, None, None, None, None, None, None, None, None)
+                some(dpb, needs[4]), None, None, None, None, None, None, None, None, None, None)
 
 
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, prologue: Optional[Prologue] = None,
@@ -400,7 +464,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, prol
     s = stats if stats is not None else OutputStats(None, None, None, 0.0, 0.0)
     y, mean, invstd = Conv1x1Function.apply(
         x, weight, bias, p.weight, p.bias, p.mean, p.invstd, p.training, stride, stats is not None,
-        s.running_mean, s.running_var, s.num_batches_tracked, s.momentum, s.eps, allow_tf32())
+        s.running_mean, s.running_var, s.num_batches_tracked, s.momentum, s.eps)
     return (y, mean, invstd) if stats is not None else (y, None, None)
 
 
@@ -412,31 +476,34 @@ class Conv1x1PairFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight2, bias2, stride2, s1_mean, s1_var, s1_count, s1_momentum, s1_eps,
-                s2_mean, s2_var, s2_count, s2_momentum, s2_eps, tf32):
-        ops = torch.ops.fused_resnet
-        y, mean, invstd = ops.conv1x1_forward(x, weight, bias, 1, None, None, None, None, True, s1_mean, s1_var,
-                                              s1_count, s1_momentum, s1_eps, tf32)
-        y2, mean2, invstd2 = ops.conv1x1_forward(x, weight2, bias2, stride2, None, None, None, None, True, s2_mean,
-                                                 s2_var, s2_count, s2_momentum, s2_eps, tf32)
+                s2_mean, s2_var, s2_count, s2_momentum, s2_eps):
+        op = torch.ops.fused_resnet.conv1x1_forward
+        y, mean, invstd = backend.call_op(
+            op, _conv1x1_forward, (x, weight, bias, 1, None, None, None, None, True, s1_mean, s1_var, s1_count,
+                                   s1_momentum, s1_eps), mutated=(s1_mean, s1_var, s1_count))
+        y2, mean2, invstd2 = backend.call_op(
+            op, _conv1x1_forward, (x, weight2, bias2, stride2, None, None, None, None, True, s2_mean, s2_var,
+                                   s2_count, s2_momentum, s2_eps), mutated=(s2_mean, s2_var, s2_count))
         ctx.mark_non_differentiable(mean, invstd, mean2, invstd2)
         ctx.save_for_backward(x, weight, weight2)
-        ctx.config = (stride2, bias is not None, bias2 is not None, tf32)
+        ctx.config = (stride2, bias is not None, bias2 is not None)
         return y, mean, invstd, y2, mean2, invstd2
 
     @staticmethod
     def backward(ctx, dy, _dm, _ds, dy2, _dm2, _ds2):
         x, weight, weight2 = ctx.saved_tensors
-        stride2, has_bias, has_bias2, tf32 = ctx.config
+        stride2, has_bias, has_bias2 = ctx.config
         needs = ctx.needs_input_grad
-        dx, dw, db, dw2, db2 = torch.ops.fused_resnet.conv1x1_pair_backward(
-            dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, tf32,
-            [needs[0], needs[1], needs[2], needs[3], needs[4]])
+        dx, dw, db, dw2, db2 = backend.call_op(
+            torch.ops.fused_resnet.conv1x1_pair_backward, _conv1x1_pair_backward,
+            (dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
+             [needs[0], needs[1], needs[2], needs[3], needs[4]]))
 
         def some(t, need):
             return t if need else None
 
         return (some(dx, needs[0]), some(dw, needs[1]), some(db, needs[2] and has_bias), some(dw2, needs[3]),
-                some(db2, needs[4] and has_bias2)) + (None,) * 12
+                some(db2, needs[4] and has_bias2)) + (None,) * 11
 
 
 def conv1x1_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: OutputStats, weight2: Tensor,
@@ -447,14 +514,16 @@ def conv1x1_pair(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats: Outpu
     return Conv1x1PairFunction.apply(
         x, weight, bias, weight2, bias2, stride2, stats.running_mean, stats.running_var,
         stats.num_batches_tracked, stats.momentum, stats.eps, stats2.running_mean, stats2.running_var,
-        stats2.num_batches_tracked, stats2.momentum, stats2.eps, allow_tf32())
+        stats2.num_batches_tracked, stats2.momentum, stats2.eps)
 
 
 def batch_stats(x: Tensor, stats: OutputStats) -> tuple[Tensor, Tensor]:
     """(mean, invstd) of x on the Triton path, running statistics updated. Not
     differentiable: the consumer's backward (a prologue's) carries the statistics' terms."""
-    return torch.ops.fused_resnet.batch_stats(x.detach(), stats.running_mean, stats.running_var,
-                                              stats.num_batches_tracked, stats.momentum, stats.eps)
+    return backend.call_op(torch.ops.fused_resnet.batch_stats, _batch_stats,
+                           (x.detach(), stats.running_mean, stats.running_var, stats.num_batches_tracked,
+                            stats.momentum, stats.eps),
+                           mutated=(stats.running_mean, stats.running_var, stats.num_batches_tracked))
 
 
 class BnAddReLUWithStatsFunction(torch.autograd.Function):
@@ -465,8 +534,9 @@ class BnAddReLUWithStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, r_weight, r_bias, mean, invstd, r_mean, r_invstd, residual_mode):
-        y = torch.ops.fused_resnet.bn_add_relu_with_stats(x, mean, invstd, weight, bias, residual_mode, residual,
-                                                          r_mean, r_invstd, r_weight, r_bias)
+        y = backend.call_op(torch.ops.fused_resnet.bn_add_relu_with_stats, _bn_add_relu_with_stats,
+                            (x, mean, invstd, weight, bias, residual_mode, residual, r_mean, r_invstd, r_weight,
+                             r_bias))
         is_bn = residual_mode == RESIDUAL_BN
         ctx.save_for_backward(x, y, mean, invstd, weight, bias, residual if is_bn else None, r_mean, r_invstd,
                               r_weight, r_bias)
@@ -480,10 +550,11 @@ class BnAddReLUWithStatsFunction(torch.autograd.Function):
         is_bn = mode == RESIDUAL_BN
         needs = ctx.needs_input_grad
         empty = x.new_empty(_EMPTY, dtype=torch.float32)
-        dx, d_res, dw, db, r_dw, r_db = torch.ops.fused_resnet.bn_add_relu_backward(
-            dy, y, x, mean, invstd, None, None, weight, bias, True, 0.0, mode, residual,
-            r_mean if is_bn else empty, r_invstd if is_bn else empty, None, None, r_weight, r_bias, True, 0.0,
-            [needs[1], needs[2], needs[4] and is_bn, needs[5] and is_bn])
+        dx, d_res, dw, db, r_dw, r_db = backend.call_op(
+            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
+            (dy, y, x, mean, invstd, None, None, weight, bias, True, 0.0, mode, residual,
+             r_mean if is_bn else empty, r_invstd if is_bn else empty, None, None, r_weight, r_bias, True, 0.0,
+             [needs[1], needs[2], needs[4] and is_bn, needs[5] and is_bn]))
 
         def some(t, need):
             return t if need else None
@@ -510,9 +581,9 @@ def conv1x1_bn_eval(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
                     prologue: Optional[Prologue] = None) -> Tensor:
     """[relu](bn(conv1x1(a)) [+ residual]) in one kernel on the Triton path (no autograd)."""
     p = prologue if prologue is not None else Prologue(None, None, None, None, False)
-    return torch.ops.fused_resnet.conv1x1_bn_eval(x, weight, bias, stride, p.mean, p.invstd, p.weight, p.bias,
-                                                  running_mean, running_var, bn_weight, bn_bias, eps, residual,
-                                                  relu, allow_tf32())
+    return backend.call_op(torch.ops.fused_resnet.conv1x1_bn_eval, _conv1x1_bn_eval,
+                           (x, weight, bias, stride, p.mean, p.invstd, p.weight, p.bias, running_mean, running_var,
+                            bn_weight, bn_bias, eps, residual, relu))
 
 
 def running_invstd(running_var: Tensor, eps: float) -> Tensor:

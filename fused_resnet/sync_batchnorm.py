@@ -276,10 +276,11 @@ class SyncBnAddReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, r_weight, r_bias, running_mean, running_var, num_batches_tracked,
                 r_running_mean, r_running_var, r_num_batches_tracked, cfg: _Config):
-        y, mean, invstd, r_mean, r_invstd, total, count = _forward(
-            cfg, x, weight, bias, residual, r_weight, r_bias,
-            (running_mean, running_var, num_batches_tracked),
-            (r_running_mean, r_running_var, r_num_batches_tracked))
+        with backend.launch_device(x):
+            y, mean, invstd, r_mean, r_invstd, total, count = _forward(
+                cfg, x, weight, bias, residual, r_weight, r_bias,
+                (running_mean, running_var, num_batches_tracked),
+                (r_running_mean, r_running_var, r_num_batches_tracked))
         is_bn = cfg.residual_mode == RESIDUAL_BN
         ctx.save_for_backward(x, y if cfg.relu else None, residual if is_bn else None, weight, bias, r_weight,
                               r_bias, mean, invstd, r_mean, r_invstd, total)
@@ -295,9 +296,10 @@ class SyncBnAddReLUFunction(torch.autograd.Function):
         is_bn = cfg.residual_mode == RESIDUAL_BN
         need_input = needs[0] or (is_bn and needs[3])
         backward = _backward_triton if cfg.triton else _backward_composite
-        dx, d_res, dw, db, r_dw, r_db = backward(
-            cfg, ctx.count, dy, y, x, residual, weight, bias, r_weight, r_bias, mean, invstd, r_mean, r_invstd,
-            total, need_input, any(needs[i] for i in (1, 2, 4, 5)))
+        with backend.launch_device(x):
+            dx, d_res, dw, db, r_dw, r_db = backward(
+                cfg, ctx.count, dy, y, x, residual, weight, bias, r_weight, r_bias, mean, invstd, r_mean, r_invstd,
+                total, need_input, any(needs[i] for i in (1, 2, 4, 5)))
 
         def some(t, need):
             return t if need else None

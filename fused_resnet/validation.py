@@ -62,9 +62,13 @@ def check_batch_norm_args(
 ) -> None:
     """The checks ``torch.nn.functional.batch_norm`` makes, with the argument named."""
     check_activation(prefix + "input", x)
+    C, device = x.shape[1], x.device
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        check_channel_param(prefix + name, t, x)
+        # The common case (a 1-D fp32 tensor of C values on x's device) in as few attribute reads as possible.
+        if t is not None and not (isinstance(t, torch.Tensor) and t.shape == (C,) and t.device == device
+                                  and t.is_floating_point()):
+            check_channel_param(prefix + name, t, x)
     if (running_mean is None) != (running_var is None):
         raise RuntimeError(f"{prefix}running_mean and {prefix}running_var must both be given or both be None")
     if not training and running_mean is None:

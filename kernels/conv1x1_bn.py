@@ -37,12 +37,14 @@ Tiles come from ``gemm_tiles``, a deterministic rule of the shape, dtype and tar
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
 
 from .bn_add_relu import (
     FINALIZE_BLOCK_C,
@@ -632,13 +634,27 @@ def _plan(dtype: torch.dtype, allow_tf32: bool, target) -> tuple:
 
 
 def target_of(device: torch.device):
-    """The GPUTarget of ``device`` (its current driver), or None on a CPU (the interpreter).
+    """The GPUTarget of ``device`` (its own capability, not the current device's), or None
+    on a CPU (the interpreter).
 
     The launchers take ``target=None`` as "the target of the input's device"; ahead-of-time
     compilation passes a GPUTarget instead."""
     if device.type == "cpu":
         return None
-    return triton.runtime.driver.active.get_current_target()
+    if device.type != "cuda":
+        return triton.runtime.driver.active.get_current_target()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_target(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int):
+    """What Triton's driver reports for the current device, for device ``index``."""
+    if torch.version.hip:
+        arch = torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+        return GPUTarget("hip", arch, 64)
+    major, minor = torch.cuda.get_device_capability(index)
+    return GPUTarget("cuda", major * 10 + minor, 32)
 
 
 def input_precision(dtype: torch.dtype, allow_tf32: bool, target) -> str:

@@ -1,16 +1,19 @@
 """Parity of the 1x1-convolution GEMMs with BatchNorm fused (``conv1x1_bn_relu``,
 ``bn_relu_conv1x1``) against float64, next to eager PyTorch in the same dtype.
 
-The bar: fp32 within 4x eager fp32's own error against float64, fp16 / bf16 no worse
-than eager in the same dtype (both measured here, per output and gradient, as the
-largest absolute error). Marked ``both``: on the PyTorch CPU path the functions are the
-eager sequence itself; in the TRITON_INTERPRET=1 process they run the kernels (tl.dot
-included) on channels_last CPU tensors. Shapes fit no tile: C_in = 20, C_out = 23,
+The bar: fp32 within 4x eager fp32's own error against float64 with TF32 off (both sides
+IEEE fp32 products), within a TF32-sized bound with TF32 on (``TF32_FLOOR``); fp16 / bf16 no
+worse than eager in the same dtype (both measured here, per output and gradient, as the
+largest absolute error). The fp32 tests set cuDNN's convolution precision, which the fused
+GEMMs follow too, so they hold on a GPU whatever its default. Marked ``both``: on the
+PyTorch CPU path the functions are the eager sequence itself; in the TRITON_INTERPRET=1
+process they run the kernels (tl.dot included) on channels_last CPU tensors. Shapes fit no tile: C_in = 20, C_out = 23,
 M = 40 (stride 1: three 16-row tiles, the statistics merged across them) or 12 (stride 2).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -32,6 +35,32 @@ FACTOR = {torch.float32: 4.0, torch.float16: 1.0, torch.bfloat16: 1.0}
 # value, so their largest errors tie; an element rounded the other way moves the largest
 # error by a fraction of an ulp step. The slack covers that, not a worse computation.
 SLACK = {torch.float32: 0.0, torch.float16: 0.1, torch.bfloat16: 0.1}
+# TF32 keeps 10 of fp32's 23 mantissa bits: each GEMM operand is rounded with unit roundoff
+# 2^-11, two per product, so a length-K dot product's error is about 2 * 2^-11 * sqrt(K)
+# (independent roundings, fp32 accumulation) of its operands' scale. K: the longest
+# reduction of the three GEMMs (the weight gradient's N*H*W rows); a factor 2 for the
+# BatchNorm around the GEMM. Relative to the largest reference value, as FLOOR.
+TF32_FLOOR = 2 * 2 * 2.0 ** -11 * math.sqrt(max(C_IN, C_OUT, N * H * W))
+
+
+@contextlib.contextmanager
+def conv_precision(tf32: bool):
+    """cuDNN's fp32 convolution precision (TF32 or IEEE) within the block, through the API this
+    torch has; F.conv2d and the fused GEMMs (``fused_resnet.conv1x1_bn.allow_tf32``) follow it."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None:
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    else:
+        saved = conv.fp32_precision
+        conv.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        if conv is None:
+            torch.backends.cudnn.allow_tf32 = saved
+        else:
+            conv.fp32_precision = saved
 
 
 @contextlib.contextmanager
@@ -144,12 +173,14 @@ def max_err(t, ref):
     return (t.double() - ref.double()).abs().max().item()
 
 
-def check(name, fused, eager, ref, dtype, eager_ref=None):
+def check(name, fused, eager, ref, dtype, eager_ref=None, tf32=False):
     """fused's largest error against ``ref`` within the dtype's bar set by eager's error
-    (against ``eager_ref``, its own float64 reference, when the two differ)."""
+    (against ``eager_ref``, its own float64 reference, when the two differ); ``tf32``: fp32
+    GEMMs with TF32 products, held to TF32's bound."""
     scale = max(ref.abs().max().item(), 1e-30)
     e_fused, e_eager = max_err(fused, ref), max_err(eager, ref if eager_ref is None else eager_ref)
-    bound = max(FACTOR[dtype] * e_eager * (1 + SLACK[dtype]), FLOOR[dtype] * scale)
+    floor = TF32_FLOOR if (tf32 and dtype == torch.float32) else FLOOR[dtype]
+    bound = max(FACTOR[dtype] * e_eager * (1 + SLACK[dtype]), floor * scale)
     assert e_fused <= bound, f"{name} ({dtype}): fused error {e_fused:.3g} > {bound:.3g} (eager {e_eager:.3g})"
 
 
@@ -185,9 +216,15 @@ def step_of(run, ref, x_src, r_src, dy, training, stride, momentum, fused):
 
 
 def check_steps(op, dtype, stride, training=True, bias=True, steps=2, momentum=0.1, residual=False,
-                mean=0.5, std=2.0):
+                mean=0.5, std=2.0, tf32=False):
     """``steps`` forward + backward steps of the fused op and of eager in ``dtype``, each
-    against float64: outputs, every gradient and the running statistics after each step."""
+    against float64: outputs, every gradient and the running statistics after each step.
+    ``tf32``: fp32 convolutions with TF32 products (both sides), else IEEE fp32."""
+    with conv_precision(tf32):
+        _check_steps(op, dtype, stride, training, bias, steps, momentum, residual, mean, std, tf32)
+
+
+def _check_steps(op, dtype, stride, training, bias, steps, momentum, residual, mean, std, tf32):
     fused, fused64 = Run(dtype, op, bias), Run(torch.float64, op, bias, values=dtype)
     eager, eager64 = Run(dtype, op, bias), Run(torch.float64, op, bias, values=dtype)
     out_shape = (N, C_OUT, (H - 1) // stride + 1, (W - 1) // stride + 1)
@@ -200,13 +237,13 @@ def check_steps(op, dtype, stride, training=True, bias=True, steps=2, momentum=0
         ye, ge, ye64, ge64 = step_of(eager, eager64, x_src, r_src, dy, training, stride, momentum, False)
         assert y.dtype == dtype and y.shape == out_shape
         tag = f"{op} stride {stride} step {step}"
-        check(f"{tag} y", y, ye, y64, dtype)
+        check(f"{tag} y", y, ye, y64, dtype, tf32=tf32)
         for key in g:
-            check(f"{tag} {key}", g[key], ge[key], g64[key], dtype, eager_ref=ge64[key])
+            check(f"{tag} {key}", g[key], ge[key], g64[key], dtype, eager_ref=ge64[key], tf32=tf32)
         for stat in ("rm", "rv"):
             if op == "conv1x1_bn_relu":
                 check(f"{tag} running {stat}", getattr(fused, stat), getattr(eager, stat), getattr(fused64, stat),
-                      dtype)
+                      dtype, tf32=tf32)
             else:
                 # The input's statistics come from bn_stats (kernels/bn_stats.py), held to
                 # the project's statistics tolerance: its shift by one sample of each channel
@@ -232,6 +269,14 @@ def test_training_parity(op, dtype, stride):
 
 @pytest.mark.both
 @pytest.mark.parametrize("op", OPS)
+def test_training_parity_with_tf32(op):
+    """fp32 with TF32 products (cuDNN's default on a GPU), one step at stride 1, against
+    TF32's bound (on a CPU the products stay IEEE: the bound holds a fortiori)."""
+    check_steps(op, torch.float32, 1, steps=1, residual=op == "conv1x1_bn_relu", tf32=True)
+
+
+@pytest.mark.both
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_eval_parity_with_gradients(op, stride):
     check_steps(op, torch.float32, stride, training=False, bias=stride == 1, steps=1, residual=op == "conv1x1_bn_relu")
@@ -245,6 +290,7 @@ def test_cumulative_average_with_momentum_none():
 @pytest.mark.both
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@conv_precision(tf32=False)
 def test_eval_inference_is_one_kernel_and_right(op, dtype):
     """Without gradients in eval, conv + bn (+ residual) + relu (or bn + relu + conv) is
     one GEMM kernel: the output against float64, no worse than eager."""
@@ -263,6 +309,7 @@ def test_eval_inference_is_one_kernel_and_right(op, dtype):
 
 
 @pytest.mark.both
+@conv_precision(tf32=False)
 def test_large_mean_statistics():
     """|mean| / std = 1e4 in the convolution's output: the epilogue's per-tile mean / M2
     merged with Chan's formula keeps the variance where E[y^2] - E[y]^2 in fp32 would
@@ -394,15 +441,14 @@ def test_custom_ops_pass_opcheck():
     def opcheck(op, args):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     opcheck(ops.conv1x1_forward.default,
-                          (x, w, b, 2, mean, invstd, run.bn_w.detach(), None, True, rm, rv, nbt, 0.1, EPS, False))
-    y, m, s = ops.conv1x1_forward(x, w, b, 1, None, None, None, None, True, None, None, None, 0.1, EPS, False)
+                          (x, w, b, 2, mean, invstd, run.bn_w.detach(), None, True, rm, rv, nbt, 0.1, EPS))
+    y, m, s = ops.conv1x1_forward(x, w, b, 1, None, None, None, None, True, None, None, None, 0.1, EPS)
     opcheck(ops.conv1x1_backward.default,
                           (torch.ones_like(y), x, w, 1, True, mean, invstd, run.bn_w.detach(), run.bn_b.detach(),
-                           True, False, [True, True, True, True, True]))
+                           True, [True, True, True, True, True]))
     opcheck(ops.conv1x1_bn_eval.default,
-                          (x, w, b, 1, mean, invstd, None, None, rm, rv, None, None, EPS, torch.ones_like(y), True,
-                           False))
+                          (x, w, b, 1, mean, invstd, None, None, rm, rv, None, None, EPS, torch.ones_like(y), True))
     opcheck(ops.conv1x1_pair_backward.default,
-            (torch.ones_like(y), torch.ones_like(y), x, w, w.clone(), 1, True, False, False, [True] * 5))
+            (torch.ones_like(y), torch.ones_like(y), x, w, w.clone(), 1, True, False, [True] * 5))
     opcheck(ops.batch_stats.default, (x, mean.clone(), invstd.clone(), None, 0.1, EPS))
     opcheck(ops.bn_add_relu_with_stats.default, (y, m, s, None, None, 2, y.clone(), m, s, None, None))

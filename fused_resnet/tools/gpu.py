@@ -243,8 +243,8 @@ def phase_machine(run: GpuRun, phase: Phase) -> None:
 
 def correctness_checks(run: GpuRun, phase: Phase, names: list[str]) -> dict:
     """The in-process checks ``names`` (sync_debug, determinism, ops_determinism, cuda_graph, compile_fullgraph)."""
-    from .gpu_checks import (check_compile_fullgraph, check_cuda_graph, check_determinism, check_no_host_sync,
-                             check_ops_determinism)
+    from .gpu_checks import (check_compile_fullgraph, check_cuda_graph, check_determinism, check_last_device,
+                             check_no_host_sync, check_ops_determinism)
 
     s, device = run.settings, str(run.device)
     layer1 = (s.check_batch, 64, s.check_resolution // 4, s.check_resolution // 4)
@@ -264,6 +264,7 @@ def correctness_checks(run: GpuRun, phase: Phase, names: list[str]) -> dict:
               "determinism": lambda: check_determinism(*model_args),
               "ops_determinism": lambda: check_ops_determinism(layer1, s.dtype, s.memory_format, device),
               "cuda_graph": lambda: check_cuda_graph(*model_args),
+              "last_device": lambda: check_last_device(*model_args[:-1]),
               "compile_fullgraph": compile_fullgraph}
     results = {}
     for name in names:
@@ -291,7 +292,7 @@ def phase_correctness(run: GpuRun, phase: Phase) -> None:
             + (f" ({p['status']})" if p.get("status") != "ok" else ""))
     if run.on_gpu:
         c.update(correctness_checks(run, phase, ["sync_debug", "determinism", "ops_determinism", "cuda_graph",
-                                                 "compile_fullgraph"]))
+                                                 "last_device", "compile_fullgraph"]))
         return
     # Smoke: a whole model through the interpreter takes minutes, so the model-level checks run on
     # the CPU path here and the fused ops alone through the kernels in the interpreter.

@@ -7,6 +7,8 @@
 - :func:`check_determinism`: a converted model's training step twice from the same state, bitwise;
   :func:`check_ops_determinism`: the same for the fused ops alone;
 - :func:`check_cuda_graph`: a converted model's training step captured in a CUDA graph and replayed;
+- :func:`check_last_device`: a converted model's training step on the last CUDA device while device 0
+  is current (the ops must launch on their input's device), against the same step on device 0;
 - :func:`check_compile_fullgraph`: ``torch.compile(fullgraph=True)`` of a converted model, the
   fused ops inside the graph, the same numbers as uncompiled;
 - :func:`jit_kernel_facts` / :func:`offline_kernel_facts`: registers, spills and shared memory of
@@ -222,6 +224,32 @@ def execution_path(device) -> str:
     if torch.device(device).type == "cuda":
         return "Triton kernels"
     return "Triton kernels in the interpreter" if backend.INTERPRET else "CPU path: ATen composite"
+
+
+def check_last_device(model_name: str, batch: int, resolution: int, dtype: str, memory_format: str) -> dict:
+    """A converted model (1x1 convolutions fused too) trains one step on the last CUDA device while
+    device 0 is current, as a DDP script that calls ``model.to(rank)`` without ``set_device`` does:
+    the same output, gradients and buffers as the same step on device 0. Skipped with one device."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return {"passed": None, "status": "skipped",
+                "reason": f"{count} CUDA device(s): the check needs two or more"}
+    last = f"cuda:{count - 1}"
+    steps = {}
+    with torch.cuda.device(0):
+        for device in ("cuda:0", last):
+            model = convert_model(torchvision_resnet(model_name, 0), fuse_convolutions=True).to(
+                device=device, dtype=DTYPES[dtype], memory_format=MEMORY_FORMATS[memory_format])
+            x, grad_out = _model_inputs(batch, resolution, dtype, memory_format, device)
+            steps[device] = _train_step(model, x, grad_out)
+            synchronize(device)
+        still_current = torch.cuda.current_device()
+    reference = {k: v.to("cuda:0") for k, v in steps[last].items()}
+    error = normalised_error([steps["cuda:0"][k] for k in reference], [v.double() for v in reference.values()])
+    tolerance = TOLERANCES[dtype]
+    return {"passed": bool(error <= tolerance) and still_current == 0, "model": model_name, "batch": batch,
+            "dtype": dtype, "memory_format": memory_format, "device": last, "current_device": still_current,
+            "last_vs_device0_error": error, "tolerance": tolerance}
 
 
 def check_cuda_graph(model_name: str, batch: int, resolution: int, dtype: str, memory_format: str,

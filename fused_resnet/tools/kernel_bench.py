@@ -190,6 +190,7 @@ def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: st
                          implementation: str = "fused", seed: int = 0) -> Callable[[], None]:
     """One pass of one 1x1 convolution (channels_last): the Triton GEMM (``fused``) or cuDNN's
     convolution plus the PyTorch ops the GEMM's prologue / epilogue replace (``cudnn``)."""
+    from fused_resnet.conv1x1_bn import allow_tf32
     from fused_resnet.kernels.bn_add_relu import ChannelNorm
     from fused_resnet.kernels.conv1x1_bn import (conv1x1_dgrad, conv1x1_dgrad_wgrad, conv1x1_forward,
                                                  conv1x1_stats_finalize, conv1x1_wgrad)
@@ -219,7 +220,7 @@ def prepare_conv1x1_step(pass_: str, shape: Sequence[int], batch: int, dtype: st
                torch.zeros((), dtype=torch.long, device=device))
     M = batch * Ho * Wo
     # cuDNN's default for fp32 convolutions is TF32; the GEMM matches it so both do the same math.
-    tf32 = torch_dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tf32 = allow_tf32(torch_dtype)
     conv = torch.nn.functional.conv2d
     if stride > 1 and pass_ == "forward_prologue_stats":
         raise ValueError("forward_prologue_stats is conv3's pass: stride 1 only")

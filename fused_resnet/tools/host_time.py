@@ -1,0 +1,166 @@
+"""Host time of each fused op call up to its kernel launches, beside eager's dispatch (issue 18, item 10).
+
+On a GPU, at layer4 in eval or at a small batch, a kernel can finish before Python has
+launched the next, so what an op costs on the host is its speed there. This measures it
+on the CPU: the ops take the Triton path on CPU tensors with every kernel launch stubbed
+to a no-op (so the figure is validation, autograd, custom-op dispatch, allocations and
+the launchers' own Python, not the kernels), beside eager PyTorch's ``F.batch_norm`` +
+``relu`` (+ add) on the same tiny CPU tensors (whose ATen kernels do run: on 2x8x4x4
+they are a few hundred nanoseconds). CPU figures, single thread, process CPU time.
+
+    python -m fused_resnet.tools.host_time [--repeats 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+SHAPE = (2, 8, 4, 4)
+
+
+@contextlib.contextmanager
+def triton_path_with_stubbed_launches(plain_int_helpers: bool = False) -> Iterator[None]:
+    """Within the block CPU tensors take the Triton path and no kernel runs. ``plain_int_helpers``:
+    the launchers' host calls of ``triton.cdiv`` / ``triton.next_power_of_2`` (constexpr
+    functions, microseconds a call on the host) are plain integer arithmetic, to project what
+    launch plans computed that way would cost."""
+    import triton
+
+    from fused_resnet import backend
+    from fused_resnet.kernels.add_relu import add_relu_forward_kernel
+
+    # Every kernel is one class: JITFunction, or InterpretedFunction under TRITON_INTERPRET=1.
+    kernel_class = type(add_relu_forward_kernel)
+    saved = backend.use_triton, kernel_class.run, triton.cdiv, triton.next_power_of_2
+    backend.use_triton = lambda t: t.dtype != torch.float64
+    kernel_class.run = lambda self, *args, grid, warmup, **kwargs: None
+    if plain_int_helpers:
+        triton.cdiv = lambda a, b: -(-a // b)
+        triton.next_power_of_2 = lambda n: 1 << (n - 1).bit_length() if n > 0 else 1
+    try:
+        yield
+    finally:
+        backend.use_triton, kernel_class.run, triton.cdiv, triton.next_power_of_2 = saved
+
+
+def per_call_us(fn: Callable[[], object], repeats: int, rounds: int = 7) -> float:
+    """The least over ``rounds`` of the mean CPU time of one call, in microseconds (this
+    process's CPU time, and the least: other processes on a shared machine only add to it)."""
+    for _ in range(max(repeats // 10, 10)):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(repeats):
+            fn()
+        times.append((time.process_time() - start) / repeats * 1e6)
+    return min(times)
+
+
+def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
+    """name -> (fused call, eager call) on tiny CPU tensors."""
+    import fused_resnet
+
+    C = SHAPE[1]
+    x = torch.randn(SHAPE)
+    r = torch.randn(SHAPE)
+    xg = x.clone().requires_grad_()
+    dy = torch.ones(SHAPE)
+    rm, rv, w, b = torch.zeros(C), torch.ones(C), torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    nbt = torch.zeros((), dtype=torch.long)
+
+    def fused_eval():
+        with torch.no_grad():
+            return fused_resnet.bn_relu(x, rm, rv, w, b, False)
+
+    def eager_eval():
+        with torch.no_grad():
+            return torch.relu_(F.batch_norm(x, rm, rv, w, b, False))
+
+    def fused_add_eval():
+        with torch.no_grad():
+            return fused_resnet.bn_add_relu(x, r, rm, rv, w, b, False)
+
+    def eager_add_eval():
+        with torch.no_grad():
+            return torch.relu_(F.batch_norm(x, rm, rv, w, b, False).add_(r))
+
+    def fused_train():
+        return fused_resnet.bn_relu(xg, rm, rv, w, b, True, 0.1, 1e-5, num_batches_tracked=nbt)
+
+    def eager_train():
+        nbt.add_(1)
+        return torch.relu_(F.batch_norm(xg, rm, rv, w, b, True, 0.1, 1e-5))
+
+    def step(forward):
+        def run():
+            forward().backward(dy)
+        return run
+
+    from fused_resnet.conv1x1_bn import conv1x1_bn_relu
+
+    xc = torch.randn(SHAPE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wc = torch.randn(C, C, 1, 1, requires_grad=True)
+
+    def fused_conv_train():
+        return conv1x1_bn_relu(xc, wc, None, rm, rv, w, b, True, 0.1, 1e-5, num_batches_tracked=nbt)
+
+    def eager_conv_train():
+        nbt.add_(1)
+        return torch.relu_(F.batch_norm(F.conv2d(xc, wc), rm, rv, w, b, True, 0.1, 1e-5))
+
+    def fused_add_relu():
+        with torch.no_grad():
+            return fused_resnet.add_relu(x, r)
+
+    def eager_add_relu():
+        with torch.no_grad():
+            return torch.add(x, r).relu_()
+
+    return {"bn_relu eval forward": (fused_eval, eager_eval),
+            "bn_add_relu eval forward": (fused_add_eval, eager_add_eval),
+            "bn_relu train forward": (fused_train, eager_train),
+            "bn_relu train forward+backward": (step(fused_train), step(eager_train)),
+            "add_relu forward": (fused_add_relu, eager_add_relu),
+            "conv1x1_bn_relu train fwd+bwd": (step(fused_conv_train), step(eager_conv_train))}
+
+
+def measure(repeats: int = 1000) -> list[dict]:
+    """Per case: fused host time (launches stubbed), eager time, their ratio; CPU, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for name, (fused, eager) in cases().items():
+            eager_us = per_call_us(eager, repeats)
+            with triton_path_with_stubbed_launches():
+                fused_us = per_call_us(fused, repeats)
+            with triton_path_with_stubbed_launches(plain_int_helpers=True):
+                plain_us = per_call_us(fused, repeats)
+            rows.append({"case": name, "fused_host_us": fused_us, "eager_us": eager_us,
+                         "ratio": fused_us / eager_us, "fused_plain_int_us": plain_us,
+                         "ratio_plain_int": plain_us / eager_us})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1000)
+    args = parser.parse_args(argv)
+    print(f"CPU, one thread, input {'x'.join(map(str, SHAPE))} fp32; fused: Triton path, launches stubbed")
+    print("  'int plans': the same with triton.cdiv / next_power_of_2 as plain integer arithmetic on the host")
+    print(f"{'case':<32}{'fused us':>10}{'eager us':>10}{'fused/eager':>13}{'int plans us':>14}{'ratio':>7}")
+    for row in measure(args.repeats):
+        print(f"{row['case']:<32}{row['fused_host_us']:>10.1f}{row['eager_us']:>10.1f}{row['ratio']:>13.2f}"
+              f"{row['fused_plain_int_us']:>14.1f}{row['ratio_plain_int']:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
