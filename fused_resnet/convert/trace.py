@@ -1,0 +1,223 @@
+"""Step 1: trace the model as regions, each module's forward with its children inlined.
+
+A region is a module torch.fx can trace through, with every traceable descendant inlined
+down to the leaves (convolutions, BatchNorms, activations, and any module that cannot or
+must not be traced: hooks, data-dependent control flow, a forward that depends on
+``self.training`` in Python, prints or writes attributes); the children of an opaque
+module start new regions. The traces also say who calls which module, how often, and
+with what (the later steps refuse a module used in more than one place).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import torch.fx as fx
+from torch import nn
+
+from ..nn.batchnorm import has_hooks
+from ..nn.matching import InplaceRecordingProxy, Traced, first_line, has_add, match_residual_block, trace_forward
+from .modules import is_library_leaf, join, passes_graph_values
+
+__all__ = ["OWNERS", "Analysis", "InliningTracer", "ModuleKinds", "Region", "state_kept", "trace_inlined"]
+
+# Node metadata: the paths of the inlined modules whose forward created the node.
+OWNERS = "fused_resnet_owners"
+
+
+@contextlib.contextmanager
+def state_kept(module: nn.Module):
+    """Tracing must not leave anything on the module (torch.fx stores tensor constants on it)."""
+    saved = dict(module.__dict__)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        module.__dict__.clear()
+        module.__dict__.update(saved)
+
+
+class InliningTracer(fx.Tracer):
+    """Traces a forward with its children inlined where ``inline(module, path)`` says so.
+
+    Records, per module object, how often it is called, from which forward, and whether
+    every inlined call passed traced values for all its parameters; every node gets the
+    paths of the inlined modules whose forward created it (``node.meta[OWNERS]``).
+    """
+
+    def __init__(self, inline: Callable[[nn.Module, str], bool]):
+        super().__init__()
+        self._inline = inline
+        self.stack: List[str] = []
+        self.calls: Dict[int, int] = {}
+        self.callers: Dict[int, Set[str]] = {}
+        self.generic_calls: Dict[int, bool] = {}
+        self.modules: Dict[int, Tuple[str, nn.Module]] = {}
+        self.transparent: Set[int] = set()  # inlined modules whose forward added no node (a no-op)
+        self.failed: Optional[nn.Module] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not self._inline(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceRecordingProxy(node, self)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta[OWNERS] = tuple(self.stack)
+        return node
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        key = id(m)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        self.callers.setdefault(key, set()).add(self.stack[-1] if self.stack else "")
+        self.modules[key] = (path, m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        self.generic_calls[key] = self.generic_calls.get(key, True) and passes_graph_values(m, args, kwargs)
+        self.stack.append(path)
+        before = len(self.graph.nodes)
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+            if len(self.graph.nodes) == before:
+                self.transparent.add(key)
+            return result
+        except Exception:
+            if self.failed is None:
+                self.failed = m
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace_inlined(module: nn.Module, tracer: InliningTracer) -> fx.Graph:
+    """``module``'s forward traced by ``tracer``, leaving nothing on the module."""
+    with state_kept(module):
+        return tracer.trace(module)
+
+
+@dataclass
+class Region:
+    """A module traced with every traceable descendant inlined, and what the trace saw."""
+
+    path: str
+    root: nn.Module
+    graph: fx.Graph
+    tracer: InliningTracer
+
+
+@dataclass
+class Analysis:
+    """The model's regions and, over all of them, who calls which module (by module id)."""
+
+    pinned: Set[int]  # modules registered under more than one name
+    regions: List[Region] = field(default_factory=list)
+    opaque: List[Tuple[str, nn.Module, str]] = field(default_factory=list)  # (path, module, why not traced)
+    calls: Dict[int, int] = field(default_factory=dict)
+    generic: Dict[int, bool] = field(default_factory=dict)  # every call passed traced values only
+    callers: Dict[int, Set[str]] = field(default_factory=dict)
+    transparent: Set[int] = field(default_factory=set)
+
+    def add(self, region: Region) -> None:
+        self.regions.append(region)
+        tracer = region.tracer
+        for key, count in tracer.calls.items():
+            self.calls[key] = self.calls.get(key, 0) + count
+            self.callers.setdefault(key, set()).update(join(region.path, c) if c else region.path
+                                                       for c in tracer.callers[key])
+        for key, generic in tracer.generic_calls.items():
+            self.generic[key] = self.generic.get(key, True) and generic
+        self.transparent |= tracer.transparent
+
+
+def pinned_modules(root: nn.Module) -> Set[int]:
+    counts: Dict[int, int] = {}
+    for _, m in root.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    return {key for key, count in counts.items() if count > 1}
+
+
+class ModuleKinds:
+    """What each module is to the tracer, decided once per module object."""
+
+    def __init__(self):
+        self._kinds: Dict[int, Tuple[nn.Module, Optional[str]]] = {}
+
+    def kind(self, module: nn.Module) -> Optional[str]:
+        """None: a forward to trace through; "leaf": a library module; else why it is opaque."""
+        cached = self._kinds.get(id(module))
+        if cached is not None and cached[0] is module:
+            return cached[1]
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            kind = f"a {type(module).__name__} is never called itself: its parent calls its modules"
+        elif is_library_leaf(module):
+            kind = "leaf"
+        elif has_hooks(module):
+            kind = "it has hooks"
+        else:
+            traced = trace_forward(module)
+            kind = traced if isinstance(traced, str) else traced.side_effect
+            if isinstance(traced, Traced) and kind is not None and has_add(traced.graph):
+                structure = match_residual_block(module, traced.graph)
+                if isinstance(structure, str):
+                    kind = f"{kind}; {structure}"
+        self._kinds[id(module)] = (module, kind)  # the module is kept: its id is not reused
+        return kind
+
+    def set_opaque(self, module: nn.Module, reason: str) -> None:
+        self._kinds[id(module)] = (module, reason)
+
+    def inlinable(self, module: nn.Module, path: str = "") -> bool:
+        return self.kind(module) is None
+
+    def analyze(self, root: nn.Module) -> Analysis:
+        """Traces ``root`` as regions: a module torch.fx can trace through, with every
+        traceable descendant inlined; the children of an opaque module start new regions."""
+        analysis = Analysis(pinned_modules(root))
+        # (path, module, why its parent is opaque): a ModuleList's modules are left for its parent's reason.
+        queue = deque([("", root, None)])
+        seen: Set[int] = set()
+        while queue:
+            path, module, inherited = queue.popleft()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            kind = self.kind(module)
+            if kind == "leaf":
+                continue
+            region = self.trace_region(path, module) if kind is None else None
+            if region is None:
+                container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
+                why = inherited if container and inherited else self.kind(module)
+                analysis.opaque.append((path, module, why))
+                queue.extend((join(path, name), child, why) for name, child in module.named_children())
+                continue
+            analysis.add(region)
+            for key, (relative, called) in region.tracer.modules.items():
+                called_kind = self.kind(called)
+                if called_kind not in (None, "leaf"):
+                    analysis.opaque.append((join(path, relative), called, called_kind))
+                    queue.extend((join(join(path, relative), name), child, called_kind)
+                                 for name, child in called.named_children())
+        return analysis
+
+    def trace_region(self, path: str, module: nn.Module) -> Optional[Region]:
+        """``module`` traced with its descendants inlined; a descendant whose inlined trace
+        fails becomes a leaf and the trace is retried. None: ``module`` itself fails."""
+        while True:
+            tracer = InliningTracer(self.inlinable)
+            try:
+                graph = trace_inlined(module, tracer)
+            except Exception as exc:  # noqa: BLE001 - whatever fails is left alone
+                failed = tracer.failed
+                reason = f"torch.fx cannot trace its forward with its children inlined ({first_line(exc)})"
+                if failed is None or failed is module:
+                    self.set_opaque(module, reason)
+                    return None
+                self.set_opaque(failed, reason)
+                continue
+            return Region(path, module, graph, tracer)
