@@ -57,7 +57,7 @@ from torch import nn
 
 from ..nn.matching import describe, submodule, trace_forward, twin_mismatch
 from .leftovers import SeenBatchNorm, report_unfused
-from .modules import fused_add_relu, is_batchnorm_act, join, set_submodule
+from .modules import fused_add_relu, is_batchnorm_act, is_norm, join, set_submodule
 from .report import REPORT_ATTRIBUTE, ConversionReport, ReportEntry
 from .rewrite import INLINED_ATTRIBUTE, Plans, Rewriter, merged
 from .tails import find_tails
@@ -95,7 +95,7 @@ def _run(model: nn.Module, report: ConversionReport, fuse_convolutions: bool) ->
                                               f"left unfused: {reason}")
         for node in region.graph.nodes:
             module = submodule(region.root, node)
-            if type(module) is nn.BatchNorm2d or is_batchnorm_act(module):
+            if is_norm(module):
                 batchnorms.append((join(region.path, node.target), module, node, region))
         for tail in found.tails:
             if rewriter.module_swap(region, tail):

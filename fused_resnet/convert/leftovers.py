@@ -7,8 +7,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn.batchnorm import has_hooks
+from ..nn.frozen_batchnorm import computes_frozen_affine, is_frozen_batchnorm
 from ..nn.matching import describe, runs_its_class_forward, submodule
-from .modules import batchnorm_act_blocker, computes_batchnorm2d, is_batchnorm_act, join
+from .modules import batchnorm_act_blocker, computes_batchnorm2d, is_batchnorm_act, is_norm, join
 from .operands import is_noop_node, read_by
 from .report import ConversionReport
 from .trace import Region
@@ -32,6 +33,8 @@ def _reason(module: nn.Module, node: fx.Node, region: Region, unfusable: Dict[in
         return "it has hooks" if has_hooks(module) else "a forward is assigned on the instance"
     if is_batchnorm_act(module) and not computes_batchnorm2d(module):
         return batchnorm_act_blocker(module) or f"its activation is {type(module.act).__name__}, not a ReLU"
+    if is_frozen_batchnorm(module) and not computes_frozen_affine(module):
+        return f"its act is {type(module.act).__name__}, not a ReLU, or its drop is not nn.Identity"
     if len(node.users) != 1:
         return read_by(node)
     user = next(iter(node.users))
@@ -51,6 +54,6 @@ def report_unfused(report: ConversionReport, batchnorms: List[SeenBatchNorm], op
         report.add(path, "skipped", _reason(module, node, region, unfusable))
     for path, module, reason in opaque:
         for child_name, child in module.named_children():
-            if (type(child) is nn.BatchNorm2d or is_batchnorm_act(child)) and id(child) not in reported:
+            if is_norm(child) and id(child) not in reported:
                 reported.add(id(child))
                 report.add(join(path, child_name), "skipped", f"{type(module).__name__} left as it is: {reason}")

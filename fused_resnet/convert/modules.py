@@ -10,11 +10,12 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..add_relu import add_relu
-from ..nn.batchnorm import residual_matches
+from ..nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, residual_matches
 from ..nn.blocks import _FusedResidualBlock
+from ..nn.frozen_batchnorm import computes_frozen_affine, fused_frozen_batchnorm, is_frozen_batchnorm
 from ..nn.matching import is_plain_identity, runs_its_class_forward
 
-__all__ = ["fused_add_relu", "computes_batchnorm2d", "batchnorm_act_blocker", "generic_signature",
+__all__ = ["fused_add_relu", "computes_batchnorm2d", "computes_fusable_norm", "fused_norm", "is_norm", "batchnorm_act_blocker", "generic_signature",
            "has_sync_batchnorm", "is_batchnorm_act", "is_library_leaf", "is_noop_module", "passes_graph_values",
            "is_within", "join", "relative", "set_submodule"]
 
@@ -63,10 +64,30 @@ def computes_batchnorm2d(module: Optional[nn.Module]) -> bool:
             and is_plain_identity(module.act))
 
 
+def computes_fusable_norm(module: Optional[nn.Module]) -> bool:
+    """A BatchNorm a fused module computes exactly: :func:`computes_batchnorm2d`, or a frozen
+    BatchNorm (torchvision's ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d`` without act)."""
+    return computes_batchnorm2d(module) or computes_frozen_affine(module)
+
+
+def is_norm(module: Optional[nn.Module]) -> bool:
+    """A BatchNorm the report speaks of when it is left: BatchNorm2d, BatchNormAct2d, frozen."""
+    return type(module) is nn.BatchNorm2d or is_batchnorm_act(module) or is_frozen_batchnorm(module)
+
+
+def fused_norm(bn: nn.Module, add: bool) -> nn.Module:
+    """``bn`` (see :func:`computes_fusable_norm`) as the fused module applying the ReLU, after the
+    residual's add with ``add``; the same parameter and buffer tensors."""
+    if is_frozen_batchnorm(bn):
+        return fused_frozen_batchnorm(bn, add)
+    return (BatchNormAddReLU2d if add else BatchNormReLU2d).from_batchnorm(bn)
+
+
 def is_library_leaf(module: nn.Module) -> bool:
-    """torch.nn's own modules (torch.fx's default leaves), fused-resnet's, and every BatchNorm."""
+    """torch.nn's own modules (torch.fx's default leaves), fused-resnet's, and every BatchNorm
+    (frozen ones included)."""
     name = type(module).__module__
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, _FusedResidualBlock)):
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, _FusedResidualBlock)) or is_frozen_batchnorm(module):
         return True
     if name.startswith("fused_resnet."):
         return True

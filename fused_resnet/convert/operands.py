@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.matching import describe, is_inplace_call, runs_its_class_forward, single_input, submodule
-from .modules import computes_batchnorm2d, fused_add_relu, is_library_leaf, is_noop_module
+from ..nn.frozen_batchnorm import computes_frozen_affine
+from .modules import computes_fusable_norm, fused_add_relu, is_library_leaf, is_noop_module
 from .trace import Analysis
 
 __all__ = ["Operand", "batchnorm_blocker", "exclusive", "is_noop_node", "move_blocker", "operand", "read_by"]
@@ -49,8 +50,8 @@ def _fresh(root: nn.Module, node: fx.Node) -> bool:
         return False
     if node.op == "call_module":
         module = submodule(root, node)
-        return (isinstance(module, _FRESH_MODULES) and not getattr(module, "inplace", False)
-                and runs_its_class_forward(module))
+        return ((isinstance(module, _FRESH_MODULES) and not getattr(module, "inplace", False)
+                 and runs_its_class_forward(module)) or computes_frozen_affine(module))
     if node.op == "call_function":
         return node.target in _FRESH_FUNCTIONS or node.target is fused_add_relu
     if node.op == "call_method":
@@ -142,7 +143,7 @@ def operand(analysis: Analysis, root: nn.Module, graph: fx.Graph, add: fx.Node, 
     """The add's operand ``value`` checked: may its BatchNorm (if it is one) be fused into the add?"""
     chain: List[fx.Node] = []
     source = behind_noops(root, value, chain)
-    if not computes_batchnorm2d(submodule(root, source)):
+    if not computes_fusable_norm(submodule(root, source)):
         return Operand(value, source, chain, "not a BatchNorm")
     if len(source.users) != 1 or len(value.users) != 1:
         return Operand(value, source, chain, read_by(source if len(source.users) != 1 else value))

@@ -9,9 +9,10 @@ from typing import Dict, List, Set, Tuple, Union
 import torch.fx as fx
 from torch import nn
 
-from ..nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d, plain_batchnorm
+from ..nn.batchnorm import plain_batchnorm
+from ..nn.frozen_batchnorm import is_frozen_batchnorm
 from ..nn.matching import ChildrenAreLeaves, describe, first_line, submodule
-from .modules import fused_add_relu, generic_signature, join, relative, set_submodule
+from .modules import fused_add_relu, fused_norm, generic_signature, join, relative, set_submodule
 from .report import ConversionReport
 from .tails import Tail, find_tails
 from .trace import OWNERS, Analysis, InliningTracer, ModuleKinds, Region, trace_inlined
@@ -43,10 +44,12 @@ class Rewriter:
             return False
         bn_path, relu_path = join(region.path, tail.bn.target), join(region.path, tail.relu.target)
         bn = region.root.get_submodule(tail.bn.target)
-        set_submodule(region.root, tail.bn.target, BatchNormReLU2d.from_batchnorm(bn))
+        fused = fused_norm(bn, add=False)
+        set_submodule(region.root, tail.bn.target, fused)
         set_submodule(region.root, tail.relu.target, nn.Identity().train(relu.training))
         self.fused.add(id(bn))
-        self.report.add(bn_path, "fused", f"{type(bn).__name__} -> BatchNormReLU2d ('{relu_path}' -> Identity)")
+        self.report.add(bn_path, "fused",
+                        f"{type(bn).__name__} -> {type(fused).__name__} ('{relu_path}' -> Identity)")
         return True
 
     def rewrite_root(self, region: Region, tail: Tail) -> Union[Tuple[str, Set[str]], str]:
@@ -119,10 +122,11 @@ class Rewriter:
         erase = [tail.relu] + tail.noops
         if tail.kind == "bn_relu":
             bn = module.get_submodule(tail.bn.target)
-            set_submodule(module, tail.bn.target, BatchNormReLU2d.from_batchnorm(bn))
+            fused = fused_norm(bn, add=False)
+            set_submodule(module, tail.bn.target, fused)
             self.fused.add(id(bn))
             tail.relu.replace_all_uses_with(tail.bn)
-            description = f"{tail.bn.target} -> BatchNormReLU2d"
+            description = f"{tail.bn.target} -> {type(fused).__name__}"
         elif tail.kind == "add_relu":
             with graph.inserting_before(tail.add):
                 fused = graph.call_function(fused_add_relu, tuple(tail.add.args))
@@ -133,14 +137,16 @@ class Rewriter:
             a, b = tail.add.args
             residual = b if a is tail.main else a
             bn = module.get_submodule(tail.bn.target)
-            set_submodule(module, tail.bn.target, BatchNormAddReLU2d.from_batchnorm(bn))
+            fused_bn = fused_norm(bn, add=True)
+            set_submodule(module, tail.bn.target, fused_bn)
             self.fused.add(id(bn))
             kwargs = {}
-            description = f"{tail.bn.target} -> BatchNormAddReLU2d"
+            description = f"{tail.bn.target} -> {type(fused_bn).__name__}"
             if tail.kind == "bn_add_bn_relu":
                 residual = tail.residual_bn.args[0]
                 residual_bn = module.get_submodule(tail.residual_bn.target)
-                if type(residual_bn) is not nn.BatchNorm2d:  # timm's BatchNormAct2d without activation
+                if type(residual_bn) is not nn.BatchNorm2d and not is_frozen_batchnorm(residual_bn):
+                    # timm's BatchNormAct2d without activation
                     set_submodule(module, tail.residual_bn.target, plain_batchnorm(residual_bn))
                 self.fused.add(id(residual_bn))
                 with graph.inserting_before(tail.add):

@@ -17,7 +17,8 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn.matching import add_operands, describe, is_inplace_add, relu_input, submodule
-from .modules import computes_batchnorm2d
+from ..nn.frozen_batchnorm import is_frozen_batchnorm
+from .modules import computes_fusable_norm
 from .operands import batchnorm_blocker, behind_noops, exclusive, operand, read_by
 from .trace import Analysis
 
@@ -71,7 +72,7 @@ def find_tails(analysis: Analysis, root: nn.Module, graph: fx.Graph) -> TailSear
             continue
         noops: List[fx.Node] = []
         value = behind_noops(root, source, noops)
-        if computes_batchnorm2d(submodule(root, value)):
+        if computes_fusable_norm(submodule(root, value)):
             if len(value.users) != 1:
                 found.reasons[id(submodule(root, value))] = read_by(value)
                 continue
@@ -99,7 +100,7 @@ def find_tails(analysis: Analysis, root: nn.Module, graph: fx.Graph) -> TailSear
 def _blame_operands(root: nn.Module, add: fx.Node, reason: str, reasons: Dict[int, str]) -> None:
     for value in add_operands(add):
         source = behind_noops(root, value)
-        if computes_batchnorm2d(submodule(root, source)):
+        if computes_fusable_norm(submodule(root, source)):
             reasons.setdefault(id(submodule(root, source)), reason)
 
 
@@ -120,11 +121,14 @@ def _add_tail(analysis: Analysis, root: nn.Module, graph: fx.Graph, add: fx.Node
         reason = (f"its add writes in place into {describe(a)}, which is read elsewhere or may be a "
                   "tensor seen outside")
         for op in operands:
-            if computes_batchnorm2d(submodule(root, op.source)):
+            if computes_fusable_norm(submodule(root, op.source)):
                 reasons[id(submodule(root, op.source))] = reason
         return reason
+    fusable.sort(key=lambda op: -depth[op.source])
+    if len(fusable) == 2 and len({is_frozen_batchnorm(submodule(root, op.source)) for op in fusable}) == 2:
+        fusable = fusable[:1]  # one op computes two BatchNorms of one kind: the other stays as it is
     if len(fusable) == 2:
-        main, other = sorted(fusable, key=lambda op: -depth[op.source])
+        main, other = fusable
         return Tail("bn_add_bn_relu", relu, bn=main.source, add=add, main=main.value,
                     residual_bn=other.source, noops=noops + main.chain + other.chain, evidence=evidence)
     if len(fusable) == 1:

@@ -152,7 +152,7 @@ class ModuleKinds:
         cached = self._kinds.get(id(module))
         if cached is not None and cached[0] is module:
             return cached[1]
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and type(module).forward is nn.Module.forward:
             kind = f"a {type(module).__name__} is never called itself: its parent calls its modules"
         elif is_library_leaf(module):
             kind = "leaf"

@@ -7,10 +7,12 @@ from typing import Dict, Optional, Set
 
 from torch import nn
 
-from ..nn.batchnorm import BatchNormReLU2d, has_hooks
+from ..nn.batchnorm import has_hooks
+from ..nn.frozen_batchnorm import is_frozen_batchnorm
 from ..nn.blocks import FusedBasicBlock, FusedBottleneck, FusedConvBottleneck, FusedResidual, is_conv_bn_shortcut
 from ..nn.matching import BlockMatch, match_residual_block, trace_forward
-from .modules import batchnorm_act_blocker, has_sync_batchnorm, is_batchnorm_act, is_library_leaf, is_within, join
+from .modules import (batchnorm_act_blocker, fused_norm, has_sync_batchnorm, is_batchnorm_act, is_library_leaf, is_within,
+                      join)
 from .report import ConversionReport
 from .trace import Analysis
 
@@ -92,21 +94,25 @@ def _twin_class(module: nn.Module, match: BlockMatch) -> Optional[type]:
 
 
 def replace_batchnorm_acts(root: nn.Module, report: ConversionReport, reported: Set[int]) -> None:
-    """Every timm ``BatchNormAct2d`` whose act is a ReLU (and drop a no-op) -> ``BatchNormReLU2d``;
-    the ones left are reported and added to ``reported``."""
+    """Every timm ``BatchNormAct2d`` (``FrozenBatchNormAct2d``) whose act is a ReLU (and drop a
+    no-op) -> ``BatchNormReLU2d`` (its fused frozen subclass); the ones left are reported and
+    added to ``reported``."""
     replaced: Dict[int, nn.Module] = {}
     for parent_name, parent in list(root.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if not is_batchnorm_act(child) or type(child.act) is not nn.ReLU:
+            with_act = is_batchnorm_act(child) or (is_frozen_batchnorm(child) and isinstance(
+                getattr(child, "act", None), nn.Module) and isinstance(getattr(child, "drop", None), nn.Module))
+            if not with_act or type(child.act) is not nn.ReLU:
                 continue
             name = join(parent_name, child_name)
             if id(child) not in replaced:
                 blocker = batchnorm_act_blocker(child)
                 if blocker is not None:
                     if id(child) not in reported:
-                        report.add(name, "skipped", f"BatchNormAct2d left as it is: {blocker}")
+                        report.add(name, "skipped", f"{type(child).__name__} left as it is: {blocker}")
                         reported.add(id(child))
                     continue
-                replaced[id(child)] = BatchNormReLU2d.from_batchnorm(child)
-                report.add(name, "fused", "BatchNormAct2d -> BatchNormReLU2d (its act, a ReLU, fused)")
+                replaced[id(child)] = fused_norm(child, add=False)
+                report.add(name, "fused", f"{type(child).__name__} -> {type(replaced[id(child)]).__name__} "
+                                          "(its act, a ReLU, fused)")
             setattr(parent, child_name, replaced[id(child)])
