@@ -67,10 +67,7 @@ def exclusive(root: nn.Module, node: fx.Node, user: fx.Node, evidence: Optional[
             evidence.append(node)
         if set(node.users) != {user}:
             return False
-        aliasing = (is_noop_node(root, node)
-                    or (node.op == "call_method" and node.target in _ALIAS_METHODS)
-                    or (is_inplace_call(node) and node.op != "call_module"))
-        if not aliasing:
+        if not _is_alias_step(root, node):
             return _fresh(root, node)
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node):
@@ -78,8 +75,36 @@ def exclusive(root: nn.Module, node: fx.Node, user: fx.Node, evidence: Optional[
         node, user = source, node
 
 
-def _may_mutate(root: nn.Module, node: fx.Node) -> bool:
-    """True when ``node`` may write into a tensor it is given (or one it can reach)."""
+def _is_alias_step(root: nn.Module, node: fx.Node) -> bool:
+    """``node``'s value is its first argument's tensor (or a view of it): a no-op, a view, an in-place op."""
+    if node.op == "call_module":
+        module = submodule(root, node)
+        inplace_leaf = (isinstance(module, _FRESH_MODULES) and getattr(module, "inplace", False) is True
+                        and runs_its_class_forward(module) and single_input(node) is not None)
+        return inplace_leaf or is_noop_node(root, node)
+    return ((node.op == "call_method" and node.target in _ALIAS_METHODS)
+            or (is_inplace_call(node) and node.op != "call_module"))
+
+
+def _origin(root: nn.Module, node: fx.Node) -> Optional[fx.Node]:
+    """The node that allocated ``node``'s tensor (walking back through views and in-place ops), or an
+    input placeholder; None when unknown."""
+    while _is_alias_step(root, node):
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            return None
+        node = source
+    return node if node.op == "placeholder" or _fresh(root, node) else None
+
+
+def _may_mutate(root: nn.Module, node: fx.Node, value: Optional[fx.Node] = None) -> bool:
+    """True when ``node`` may write into a tensor it is given (or one it can reach); with ``value``,
+    False for an in-place op that writes into a tensor allocated in the graph that is not ``value``'s."""
+    if value is not None and node.op in ("call_function", "call_method") and is_inplace_call(node) \
+            and node.args and isinstance(node.args[0], fx.Node):
+        written, read = _origin(root, node.args[0]), _origin(root, value)
+        if written is not None and read is not None and written.op != "placeholder" and written is not read:
+            return False
     if node.op == "call_module":
         module = submodule(root, node)
         return (not is_library_leaf(module) or not runs_its_class_forward(module)
@@ -112,7 +137,13 @@ def move_blocker(root: nn.Module, graph: fx.Graph, bn: fx.Node, at: fx.Node,
     if exclusive(root, source, bn, evidence):
         return None
     evidence += between
-    mutating = next((n for n in between if _may_mutate(root, n)), None)
+    readers = sum(len(user.args) for user in source.users)
+    if readers > 2 and any(n in source.users for n in between):
+        # Autograd sums the input's gradients in the order their nodes were made: more than two
+        # terms, and a moved BatchNorm would change the order (and the bits).
+        return (f"its input {describe(source)} is read {readers} times and the add comes after other readers: "
+                "moving it would change the order its gradient is summed in")
+    mutating = next((n for n in between if _may_mutate(root, n, source)), None)
     if mutating is not None:
         return (f"its input {describe(source)} is read elsewhere and {describe(mutating)} runs before the add: "
                 "the input could change before the moved BatchNorm reads it")

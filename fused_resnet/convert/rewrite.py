@@ -82,8 +82,8 @@ class Rewriter:
         module = self.root.get_submodule(path) if path else self.root
         inlined = {relative(p, path) for p in inline}
         # A module the analysis saw add no node (DropPath(0)) is inlined too: in the analysed graph it vanished.
-        tracer = InliningTracer(lambda m, qualified: (qualified in inlined or id(m) in self.analysis.transparent)
-                                and self.kinds.inlinable(m))
+        tracer = InliningTracer(lambda m, qualified, args, kwargs: (
+            (qualified in inlined or id(m) in self.analysis.transparent) and self.kinds.inlinable(m, qualified, args, kwargs)))
         try:
             graph = trace_inlined(module, tracer)
         except Exception as exc:  # noqa: BLE001 - traced once already; refuse rather than guess

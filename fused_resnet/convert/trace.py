@@ -10,6 +10,7 @@ with what (the later steps refuse a module used in more than one place).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,17 +41,25 @@ def state_kept(module: nn.Module):
         module.__dict__.update(saved)
 
 
-class InliningTracer(fx.Tracer):
-    """Traces a forward with its children inlined where ``inline(module, path)`` says so.
+# inline(module, path, args, kwargs): whether this call of ``module`` is inlined.
+InlineRule = Callable[[nn.Module, str, tuple, dict], bool]
 
-    Records, per module object, how often it is called, from which forward, and whether
-    every inlined call passed traced values for all its parameters; every node gets the
-    paths of the inlined modules whose forward created it (``node.meta[OWNERS]``).
+
+class InliningTracer(fx.Tracer):
+    """Traces a forward with its children inlined where ``inline(module, path, args, kwargs)`` says so.
+
+    Records, per module object, how often it is called, from which forward, whether every
+    inlined call passed traced values for all its parameters, and whether it was inlined
+    or kept as one call; every node gets the paths of the inlined modules whose forward
+    created it (``node.meta[OWNERS]``).
     """
 
-    def __init__(self, inline: Callable[[nn.Module, str], bool]):
+    def __init__(self, inline: InlineRule):
         super().__init__()
         self._inline = inline
+        self._call: Optional[Tuple[nn.Module, bool]] = None  # (module, inlined?) of the call being made
+        self.inlined: Set[int] = set()
+        self.kept: Set[int] = set()  # modules called as one node (at least once)
         self.stack: List[str] = []
         self.calls: Dict[int, int] = {}
         self.callers: Dict[int, Set[str]] = {}
@@ -60,7 +69,9 @@ class InliningTracer(fx.Tracer):
         self.failed: Optional[nn.Module] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return not self._inline(m, module_qualified_name)
+        if self._call is not None and self._call[0] is m:
+            return not self._call[1]
+        return not self._inline(m, module_qualified_name, (), {})
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return InplaceRecordingProxy(node, self)
@@ -76,8 +87,12 @@ class InliningTracer(fx.Tracer):
         self.calls[key] = self.calls.get(key, 0) + 1
         self.callers.setdefault(key, set()).add(self.stack[-1] if self.stack else "")
         self.modules[key] = (path, m)
-        if self.is_leaf_module(m, path):
+        inline = self._inline(m, path, args, kwargs)
+        self._call = (m, inline)
+        if not inline:
+            self.kept.add(key)
             return super().call_module(m, forward, args, kwargs)
+        self.inlined.add(key)
         self.generic_calls[key] = self.generic_calls.get(key, True) and passes_graph_values(m, args, kwargs)
         self.stack.append(path)
         before = len(self.graph.nodes)
@@ -121,6 +136,8 @@ class Analysis:
     generic: Dict[int, bool] = field(default_factory=dict)  # every call passed traced values only
     callers: Dict[int, Set[str]] = field(default_factory=dict)
     transparent: Set[int] = field(default_factory=set)
+    inlined: Dict[int, nn.Module] = field(default_factory=dict)  # inlined at some call
+    kept: Set[int] = field(default_factory=set)  # called as one node at some call
 
     def add(self, region: Region) -> None:
         self.regions.append(region)
@@ -132,6 +149,11 @@ class Analysis:
         for key, generic in tracer.generic_calls.items():
             self.generic[key] = self.generic.get(key, True) and generic
         self.transparent |= tracer.transparent
+        self.inlined.update((key, tracer.modules[key][1]) for key in tracer.inlined)
+        self.kept |= tracer.kept
+        # Inlined at one call, kept whole at another: its insides run unseen there, so none may change.
+        for key in self.kept & self.inlined.keys():
+            self.pinned |= {id(m) for m in self.inlined[key].modules()}
 
 
 def pinned_modules(root: nn.Module) -> Set[int]:
@@ -141,11 +163,54 @@ def pinned_modules(root: nn.Module) -> Set[int]:
     return {key for key, count in counts.items() if count > 1}
 
 
+def _traced_kind(module: nn.Module, traced) -> Optional[str]:
+    """Why a forward traced by ``trace_forward`` may not be inlined, or None."""
+    kind = traced if isinstance(traced, str) else traced.side_effect
+    if isinstance(traced, Traced) and kind is not None and has_add(traced.graph):
+        structure = match_residual_block(module, traced.graph)
+        if isinstance(structure, str):
+            kind = f"{kind}; {structure}"
+    return kind
+
+
+def call_values(module: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
+    """The Python values one call passes ``module.forward`` (defaults included), as torch.fx's
+    ``concrete_args``: a traced value stays an input (``PH`` inside a list or tuple), None, a bool,
+    a number or a string is fixed. None: the call passes something else."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    concrete = {}
+    for name, parameter in signature.parameters.items():
+        value = bound.arguments.get(name)
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            if value:
+                return None
+            continue
+        if isinstance(value, fx.Proxy):
+            continue
+        if isinstance(value, (list, tuple)) and all(isinstance(v, fx.Proxy) for v in value):
+            concrete[name] = type(value)(fx._symbolic_trace.PH for _ in value)
+        elif value is None or type(value) in (bool, int, float, str):
+            concrete[name] = value
+        else:
+            return None
+    return concrete
+
+
 class ModuleKinds:
     """What each module is to the tracer, decided once per module object."""
 
     def __init__(self):
         self._kinds: Dict[int, Tuple[nn.Module, Optional[str]]] = {}
+        # Traced modules: a call that passes Python values (a default, None, a list of tensors) is
+        # judged by the forward as that call runs it, those values fixed.
+        self._per_call: Set[int] = set()
+        self._call_kinds: Dict[Tuple[int, str], Optional[str]] = {}
+        self._refused_calls: Dict[int, str] = {}  # why a call of a traced module was kept whole
 
     def kind(self, module: nn.Module) -> Optional[str]:
         """None: a forward to trace through; "leaf": a library module; else why it is opaque."""
@@ -159,20 +224,31 @@ class ModuleKinds:
         elif has_hooks(module):
             kind = "it has hooks"
         else:
-            traced = trace_forward(module)
-            kind = traced if isinstance(traced, str) else traced.side_effect
-            if isinstance(traced, Traced) and kind is not None and has_add(traced.graph):
-                structure = match_residual_block(module, traced.graph)
-                if isinstance(structure, str):
-                    kind = f"{kind}; {structure}"
+            kind = _traced_kind(module, trace_forward(module))
+            self._per_call.add(id(module))
         self._kinds[id(module)] = (module, kind)  # the module is kept: its id is not reused
         return kind
 
     def set_opaque(self, module: nn.Module, reason: str) -> None:
         self._kinds[id(module)] = (module, reason)
+        self._per_call.discard(id(module))
 
-    def inlinable(self, module: nn.Module, path: str = "") -> bool:
-        return self.kind(module) is None
+    def inlinable(self, module: nn.Module, path: str = "", args: tuple = (), kwargs: Optional[dict] = None) -> bool:
+        """Whether this call of ``module`` may be inlined (without ``args``: every call)."""
+        kind = self.kind(module)
+        if id(module) not in self._per_call or not (args or kwargs):
+            return kind is None
+        concrete = call_values(module, args, kwargs or {})
+        if concrete is None:
+            return False
+        if not concrete:  # every parameter a traced value: the module's own trace stands for the call
+            return kind is None
+        key = (id(module), repr(concrete))
+        if key not in self._call_kinds:
+            self._call_kinds[key] = _traced_kind(module, trace_forward(module, concrete_args=concrete))
+        if self._call_kinds[key] is not None:
+            self._refused_calls[id(module)] = f"called with {concrete}: {self._call_kinds[key]}"
+        return self._call_kinds[key] is None
 
     def analyze(self, root: nn.Module) -> Analysis:
         """Traces ``root`` as regions: a module torch.fx can trace through, with every
@@ -198,7 +274,9 @@ class ModuleKinds:
                 continue
             analysis.add(region)
             for key, (relative, called) in region.tracer.modules.items():
-                called_kind = self.kind(called)
+                if key in region.tracer.inlined:
+                    continue
+                called_kind = self.kind(called) or self._refused_calls.get(key)
                 if called_kind not in (None, "leaf"):
                     analysis.opaque.append((join(path, relative), called, called_kind))
                     queue.extend((join(join(path, relative), name), child, called_kind)

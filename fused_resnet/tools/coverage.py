@@ -43,11 +43,16 @@ from .common import require
 __all__ = ["DEFAULT_MODELS", "HF_RESNETS", "CoverageRow", "TailCount", "build_model", "count_tails", "coverage",
            "example_input", "format_coverage", "output_tensors", "triton_path_available"]
 
-# The models of issue 10: the ResNet family as timm, torchvision and transformers ship it.
+# The models of issue 10: the ResNet family as timm, torchvision and transformers ship it; then issue 19's.
 DEFAULT_MODELS = (
     "timm:seresnext26d_32x4d", "timm:ecaresnet26t", "timm:resnetrs50", "timm:resnetv2_50", "timm:regnety_002",
     "timm:regnetx_002", "timm:resnest14d", "timm:res2net50_14w_8s", "timm:skresnet18", "regnet_y_400mf",
     "regnet_x_400mf", "hf:resnet-18", "hf:resnet-50", "timm:resnet50d", "resnet50",
+    # Issue 19: residuals as forward arguments (DLA, HRNet), sums of many branches (RepVGG, HRNet,
+    # DPN), frozen-BatchNorm backbones of detection and segmentation.
+    "timm:dla34", "timm:dla46x_c", "timm:hrnet_w18_small", "timm:dpn68", "timm:repvgg_a0", "timm:selecsls42b",
+    "timm:gernet_s", "timm:res2next50", "timm:skresnext50_32x4d", "timm:resnest26d", "frozen:resnet50",
+    "frozen:fasterrcnn_resnet50_fpn", "frozen:deeplabv3_resnet50",
 )
 # transformers ResNetModel configurations, as microsoft/resnet-N publishes them: (layer_type, depths, hidden_sizes).
 HF_RESNETS = {
