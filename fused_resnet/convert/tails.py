@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch.fx as fx
 from torch import nn
 
-from ..nn.matching import add_operands, describe, is_inplace_add, relu_input, submodule
+from ..nn.matching import ADD_FUNCTIONS, ADD_METHODS, add_operands, describe, is_inplace_add, relu_input, submodule
 from ..nn.frozen_batchnorm import is_frozen_batchnorm
 from .modules import computes_fusable_norm
 from .operands import batchnorm_blocker, behind_noops, exclusive, operand, read_by
@@ -83,6 +83,8 @@ def find_tails(analysis: Analysis, root: nn.Module, graph: fx.Graph) -> TailSear
             found.tails.append(Tail("bn_relu", node, bn=value, noops=noops))
             continue
         if add_operands(value) is None:
+            if _adds_a_number(value):
+                found.unfused_adds.append((value, "one operand is a Python number, not a tensor (add_relu takes two)"))
             continue
         if len(value.users) != 1:
             reason = f"the sum {describe(value)} is read {len(value.users)} times"
@@ -95,6 +97,13 @@ def find_tails(analysis: Analysis, root: nn.Module, graph: fx.Graph) -> TailSear
         else:
             found.tails.append(tail)
     return found
+
+
+def _adds_a_number(node: fx.Node) -> bool:
+    """``x + 3`` / ``x += 0``: an add whose other operand is not a graph value."""
+    is_add = ((node.op == "call_function" and node.target in ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target in ADD_METHODS))
+    return is_add and len(node.args) == 2 and any(isinstance(a, (int, float)) for a in node.args)
 
 
 def _blame_operands(root: nn.Module, add: fx.Node, reason: str, reasons: Dict[int, str]) -> None:
