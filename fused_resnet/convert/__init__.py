@@ -14,14 +14,19 @@ What it does:
 3. **Every other tail, across module boundaries.** Each module's forward is traced with
    its children inlined down to the leaves (convolutions, BatchNorms, activations, and
    any module that cannot or must not be traced: hooks, data-dependent control flow, a
-   forward that depends on ``self.training`` in Python, prints or writes attributes).
-   In that graph it finds, through hook-free ``nn.Identity`` / ``Dropout(p=0)`` calls and
+   forward that depends on ``self.training`` in Python, prints or writes attributes; a
+   call passing Python values, a default or a list of tensors is judged by the forward as
+   that call runs it). The BatchNorms are ``nn.BatchNorm2d``, timm's ``BatchNormAct2d``
+   without act, and frozen ones (torchvision's ``FrozenBatchNorm2d``, timm's
+   ``FrozenBatchNormAct2d``: eval-statistics tails in a training model, see
+   :mod:`fused_resnet.nn.frozen_batchnorm`). In that graph it finds, through hook-free ``nn.Identity`` / ``Dropout(p=0)`` calls and
    DropPath(0)-style no-ops, in-place or not:
 
    - ``bn -> relu``                       -> :class:`BatchNormReLU2d`
    - ``bn -> add(r) -> relu``, the BatchNorm on either operand -> :class:`BatchNormAddReLU2d`
    - ``bn(a) + bn_r(b) -> relu``          -> :class:`BatchNormAddReLU2d` with ``residual_bn``
    - ``a + b -> relu`` with no BatchNorm  -> ``fused_resnet.add_relu``
+   - of a longer sum, the last add with the ReLU and one BatchNorm operand.
 
    A ``bn -> relu`` whose ReLU is an ``nn.ReLU`` called once is fused by swapping modules
    (the BatchNorm applies the ReLU, the ReLU becomes ``nn.Identity``), the forwards
@@ -32,8 +37,8 @@ What it does:
 4. Anything it cannot prove equivalent is left exactly as it was, and the report says
    why: a BatchNorm output or a sum read by anything but the tail, a module used in more
    than one place, hooks, an add that writes in place into a tensor seen elsewhere, an
-   input that could change before the moved BatchNorm runs, a forward torch.fx cannot
-   trace.
+   input that could change before the moved BatchNorm runs or whose gradient sum a move
+   would reorder, a forward torch.fx cannot trace.
 
 Parameters and buffers are the same tensor objects before and after (nothing is
 re-initialised or copied), so train/eval mode, device, dtype and memory format are
