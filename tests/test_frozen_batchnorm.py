@@ -216,3 +216,13 @@ def test_trainable_and_frozen_batchnorms_on_one_add():
         expected = _train_step(original, x.detach().clone().requires_grad_())
         for key, want in expected.items():
             assert torch.equal(fused[key], want), key
+
+
+def test_fused_frozen_batchnorm_called_twice_before_one_backward():
+    """Two views of one batch through one frozen backbone: the buffers are read-only, so the
+    first call's saved tensors stay valid (as with the original)."""
+    bn = _randomized(FrozenBatchNorm2d(SHAPE[1]))
+    fused = fused_frozen_batchnorm(bn, add=True).train()
+    reference = _f64(bn)
+    _compare(lambda x, r: fused(x, r) + fused(2 * x, r),
+             lambda x, r: torch.relu(reference(x) + r) + torch.relu(reference(2 * x) + r), [_input(1), _input(2)])

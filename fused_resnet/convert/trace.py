@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
@@ -245,7 +246,9 @@ class ModuleKinds:
             return kind is None
         key = (id(module), repr(concrete))
         if key not in self._call_kinds:
-            self._call_kinds[key] = _traced_kind(module, trace_forward(module, concrete_args=concrete))
+            with warnings.catch_warnings():  # torch.fx warns that it cannot assert a fixed string
+                warnings.simplefilter("ignore")
+                self._call_kinds[key] = _traced_kind(module, trace_forward(module, concrete_args=concrete))
         if self._call_kinds[key] is not None:
             self._refused_calls[id(module)] = f"called with {concrete}: {self._call_kinds[key]}"
         return self._call_kinds[key] is None
