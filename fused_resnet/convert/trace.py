@@ -177,7 +177,7 @@ def _traced_kind(module: nn.Module, traced) -> Optional[str]:
 def call_values(module: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
     """The Python values one call passes ``module.forward`` (defaults included), as torch.fx's
     ``concrete_args``: a traced value stays an input (``PH`` inside a list or tuple), None, a bool,
-    a number or a string is fixed. None: the call passes something else."""
+    a number or a string is fixed. None: the call passes something else (an object, a dict)."""
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*args, **kwargs)
@@ -193,13 +193,17 @@ def call_values(module: nn.Module, args: tuple, kwargs: dict) -> Optional[dict]:
             continue
         if isinstance(value, fx.Proxy):
             continue
-        if isinstance(value, (list, tuple)) and all(isinstance(v, fx.Proxy) for v in value):
-            concrete[name] = type(value)(fx._symbolic_trace.PH for _ in value)
-        elif value is None or type(value) in (bool, int, float, str):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, fx.Proxy) or _is_constant(v) for v in value):
+            concrete[name] = type(value)(fx._symbolic_trace.PH if isinstance(v, fx.Proxy) else v for v in value)
+        elif _is_constant(value):
             concrete[name] = value
         else:
             return None
     return concrete
+
+
+def _is_constant(value) -> bool:
+    return value is None or type(value) in (bool, int, float, str)
 
 
 class ModuleKinds:
@@ -240,9 +244,7 @@ class ModuleKinds:
         if id(module) not in self._per_call or not (args or kwargs):
             return kind is None
         concrete = call_values(module, args, kwargs or {})
-        if concrete is None:
-            return False
-        if not concrete:  # every parameter a traced value: the module's own trace stands for the call
+        if not concrete:  # traced values only (or values torch.fx cannot fix): the module's own trace
             return kind is None
         key = (id(module), repr(concrete))
         if key not in self._call_kinds:

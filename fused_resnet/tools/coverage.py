@@ -122,9 +122,9 @@ FROZEN_MODELS = ("resnet50", "fasterrcnn_resnet50_fpn", "deeplabv3_resnet50")
 
 
 def _frozen_batchnorm_model(name: str) -> nn.Module:
-    """``resnet50`` with FrozenBatchNorm2d; the backbone (ResNet-50 + FPN) of
-    ``fasterrcnn_resnet50_fpn`` and the whole ``deeplabv3_resnet50``, their backbone's
-    BatchNorms frozen."""
+    """``resnet50`` with FrozenBatchNorm2d; the backbones of ``fasterrcnn_resnet50_fpn``
+    (ResNet-50 + FPN) and of ``deeplabv3_resnet50`` (a dilated ResNet-50; its head's Dropout
+    would make two training steps differ), their BatchNorms frozen."""
     torchvision = require("torchvision", f"building frozen:{name}")
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -144,7 +144,7 @@ def _frozen_batchnorm_model(name: str) -> nn.Module:
                 frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
                 frozen.load_state_dict(child.state_dict())
                 setattr(parent, child_name, frozen)
-    return backbone if name == "fasterrcnn_resnet50_fpn" else model
+    return backbone
 
 
 def output_tensors(output) -> List[torch.Tensor]:
