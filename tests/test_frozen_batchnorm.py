@@ -226,3 +226,12 @@ def test_fused_frozen_batchnorm_called_twice_before_one_backward():
     reference = _f64(bn)
     _compare(lambda x, r: fused(x, r) + fused(2 * x, r),
              lambda x, r: torch.relu(reference(x) + r) + torch.relu(reference(2 * x) + r), [_input(1), _input(2)])
+
+
+def test_coverage_counter_sees_frozen_batchnorm_tails():
+    """``fused-resnet coverage`` counts a frozen BatchNorm (``x * scale + bias``) as a batch_norm."""
+    from fused_resnet.tools.coverage import count_tails
+
+    model = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    count = count_tails(model, torch.randn(2, 3, 32, 32), training=True)
+    assert (count.bn_relu, count.bn_add_relu, count.bn_add_bn_relu, count.add_relu) == (9, 5, 3, 0), count.places
