@@ -54,6 +54,7 @@ REDUCED = {
     "timm:resnest14d (1 block per stage)": _timm("resnest14d", layers=[1, 1, 1, 1]),
     "hf:resnet-18": lambda: build_model("hf:resnet-18"),
     "torchvision RegNet-Y (4 blocks, width 16-32)": _tiny_regnet_y,
+    "timm:dla46x_c": _timm("dla46x_c"),
 }
 ZOO = [pytest.param(name, marks=pytest.mark.zoo) for name in DEFAULT_MODELS]
 # Normalised error a converted model may have against float64, beyond twice the original's own.

@@ -183,13 +183,16 @@ def _inplace_argument(node: fx.Node) -> bool:
 
 
 # Unused results that say nothing of an effect: an item or attribute read, an assertion.
-_HARMLESS_UNUSED = {operator.getitem, getattr, torch._assert}
+_HARMLESS_UNUSED = {operator.getitem, getattr, torch._assert, fx._symbolic_trace._assert_is_none}
+# The same assertions by name: inside another trace, torch.fx has swapped them for wrappers.
+_HARMLESS_NAMES = {"_assert", "_assert_is_none"}
 
 
 def _dropped_effect(graph: fx.Graph) -> Optional[str]:
     """Why the traced graph may not compute all the forward did, or None."""
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in _HARMLESS_UNUSED:
+        if node.op == "call_function" and (node.target in _HARMLESS_UNUSED
+                                           or getattr(node.target, "__name__", None) in _HARMLESS_NAMES):
             continue
         if node.op not in ("placeholder", "output") and not node.users and not is_inplace_call(node):
             return (f"its forward computes {describe(node)} and never uses it (a side effect such as print, "
@@ -203,13 +206,15 @@ def first_line(exc: BaseException, limit: int = 120) -> str:
     return f"{type(exc).__name__}: {message[:limit]}"
 
 
-def trace_forward(module: nn.Module, tracer_class: type = ChildrenAreLeaves) -> Union[Traced, str]:
+def trace_forward(module: nn.Module, tracer_class: type = ChildrenAreLeaves,
+                  concrete_args: Optional[dict] = None) -> Union[Traced, str]:
     """``module``'s own forward as an FX graph (children as leaves), or why it cannot be had.
 
     The forward is traced in the module's mode and in the other one: a graph that
     differs depends on ``self.training`` in Python, and is refused. Output printed while
     tracing, attributes written while tracing and computed-but-unused values mark the
-    graph as incomplete (``Traced.side_effect``): it may be read, not substituted.
+    graph as incomplete (``Traced.side_effect``): it may be read, not substituted. With
+    ``concrete_args`` (as torch.fx takes them): the forward as the calls passing them run it.
     """
     if isinstance(module, torch.jit.ScriptModule):
         return "it is a TorchScript module"
@@ -219,9 +224,9 @@ def trace_forward(module: nn.Module, tracer_class: type = ChildrenAreLeaves) -> 
     mode_changes: List[str] = []
     try:
         with contextlib.redirect_stdout(printed), _mode_changes_recorded(mode_changes):
-            graph = tracer_class().trace(module)
+            graph = tracer_class().trace(module, concrete_args)
             with _training_flipped(module):
-                other = tracer_class().trace(module)
+                other = tracer_class().trace(module, concrete_args)
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot prove it": leave it alone
         return f"torch.fx cannot trace its forward ({first_line(exc)})"
     finally:

@@ -81,14 +81,14 @@ model_type = _one_of(MODELS, "model")
 
 
 def zoo_model_type(value: str) -> str:
-    """A torchvision ResNet name, ``timm:NAME`` or ``hf:resnet-N`` (built only later)."""
-    if value.startswith(("timm:", "hf:")) and len(value.split(":", 1)[1]) > 0:
+    """A torchvision ResNet name, ``timm:NAME``, ``hf:resnet-N`` or ``frozen:NAME`` (built only later)."""
+    if value.startswith(("timm:", "hf:", "frozen:")) and len(value.split(":", 1)[1]) > 0:
         return value
     try:
         return model_type(value)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"unknown model '{value}'; choose from {', '.join(MODELS)}, timm:NAME or hf:resnet-N") from None
+            f"unknown model '{value}'; choose from {', '.join(MODELS)}, timm:NAME, hf:resnet-N or frozen:NAME") from None
 stage_type = _one_of(STAGES, "stage")
 mode_type = _one_of(MODES, "mode")
 dtype_type = _canonical(canonical_dtype, "dtype")

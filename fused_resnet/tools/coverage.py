@@ -3,7 +3,8 @@
 A tail is counted at the ATen level, in a recorded forward pass: a ``batch_norm`` whose
 output only a ``relu`` reads (``bn_relu``), or an ``add`` whose sum only a ``relu`` reads
 (``add_relu``; ``bn_add_relu`` when one operand is a ``batch_norm`` output that only the
-add reads, ``bn_add_bn_relu`` when both are). In-place ops, views and autograd's own
+add reads, ``bn_add_bn_relu`` when both are). A frozen BatchNorm (torchvision's
+``FrozenBatchNorm2d``: ``x * scale + bias`` from its buffers) counts as a ``batch_norm``. In-place ops, views and autograd's own
 ``detach`` are followed through the tensors' storages, so ``out += identity; relu_(out)``
 counts as well as ``relu(bn(x) + r)``, and a value also read by anything else (or
 returned) is not a tail.
@@ -42,11 +43,16 @@ from .common import require
 __all__ = ["DEFAULT_MODELS", "HF_RESNETS", "CoverageRow", "TailCount", "build_model", "count_tails", "coverage",
            "example_input", "format_coverage", "output_tensors", "triton_path_available"]
 
-# The models of issue 10: the ResNet family as timm, torchvision and transformers ship it.
+# The models of issue 10: the ResNet family as timm, torchvision and transformers ship it; then issue 19's.
 DEFAULT_MODELS = (
     "timm:seresnext26d_32x4d", "timm:ecaresnet26t", "timm:resnetrs50", "timm:resnetv2_50", "timm:regnety_002",
     "timm:regnetx_002", "timm:resnest14d", "timm:res2net50_14w_8s", "timm:skresnet18", "regnet_y_400mf",
     "regnet_x_400mf", "hf:resnet-18", "hf:resnet-50", "timm:resnet50d", "resnet50",
+    # Issue 19: residuals as forward arguments (DLA, HRNet), sums of many branches (RepVGG, HRNet,
+    # DPN), frozen-BatchNorm backbones of detection and segmentation.
+    "timm:dla34", "timm:dla46x_c", "timm:hrnet_w18_small", "timm:dpn68", "timm:repvgg_a0", "timm:selecsls42b",
+    "timm:gernet_s", "timm:res2next50", "timm:skresnext50_32x4d", "timm:resnest26d", "frozen:resnet50",
+    "frozen:fasterrcnn_resnet50_fpn", "frozen:deeplabv3_resnet50",
 )
 # transformers ResNetModel configurations, as microsoft/resnet-N publishes them: (layer_type, depths, hidden_sizes).
 HF_RESNETS = {
@@ -74,7 +80,8 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 
     ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``; ``hf:resnet-N`` (N in
     18, 26, 34, 50, 101, 152): a transformers ``ResNetModel`` with microsoft/resnet-N's
-    configuration; anything else: a torchvision classification model
+    configuration; ``frozen:NAME`` (see ``FROZEN_MODELS``): a torchvision ResNet-50 backbone with
+    ``FrozenBatchNorm2d``; anything else: a torchvision classification model
     (``torchvision.models.NAME(weights=None)``). ValueError names the choices for an
     unknown name; :class:`~fused_resnet.tools.common.MissingDependency` says what to
     install for a missing package.
@@ -99,12 +106,45 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
                              f"{', '.join('hf:' + n for n in HF_RESNETS)}")
         layer_type, depths, hidden_sizes = HF_RESNETS[config_name]
         return ResNetModel(ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=hidden_sizes))
+    if name.startswith("frozen:"):
+        return _frozen_batchnorm_model(name[len("frozen:"):])
     torchvision = require("torchvision", f"building {name}")
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise ValueError(f"unknown model '{name}': a torchvision classification model ({', '.join(available[:6])}, "
                          f"...), 'timm:NAME' or 'hf:resnet-N'")
     return getattr(torchvision.models, name)(weights=None)
+
+
+# ``frozen:NAME``: torchvision models whose ResNet-50 backbone has FrozenBatchNorm2d, as torchvision
+# builds them when a backbone checkpoint is given (nothing is downloaded here).
+FROZEN_MODELS = ("resnet50", "fasterrcnn_resnet50_fpn", "deeplabv3_resnet50")
+
+
+def _frozen_batchnorm_model(name: str) -> nn.Module:
+    """``resnet50`` with FrozenBatchNorm2d; the backbones of ``fasterrcnn_resnet50_fpn``
+    (ResNet-50 + FPN) and of ``deeplabv3_resnet50`` (a dilated ResNet-50; its head's Dropout
+    would make two training steps differ), their BatchNorms frozen."""
+    torchvision = require("torchvision", f"building frozen:{name}")
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    if name not in FROZEN_MODELS:
+        raise ValueError(f"unknown model 'frozen:{name}'; choose from {', '.join('frozen:' + n for n in FROZEN_MODELS)}")
+    if name == "resnet50":
+        return torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    if name == "fasterrcnn_resnet50_fpn":
+        model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+        backbone, body = model.backbone, model.backbone.body
+    else:
+        model = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None)
+        backbone = body = model.backbone
+    for parent in list(body.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                frozen.load_state_dict(child.state_dict())
+                setattr(parent, child_name, frozen)
+    return backbone
 
 
 def output_tensors(output) -> List[torch.Tensor]:
@@ -234,6 +274,31 @@ class _TailRecorder(TorchDispatchMode):
         event = self.events[producer]
         return event.name in _BATCH_NORM_OPS and event.outputs[:1] == [key]
 
+    def produced_by(self, value: Tuple[int, Optional[int]], name: str) -> Optional[_Event]:
+        """The event that wrote ``value``, when it is the op ``name``."""
+        producer = value[1]
+        if producer is None or self.events[producer].name != name:
+            return None
+        return self.events[producer]
+
+    def is_frozen_batch_norm_output(self, value: Tuple[int, Optional[int]]) -> bool:
+        """True for the output of a frozen BatchNorm (torchvision's ``FrozenBatchNorm2d``, timm's
+        ``FrozenBatchNormAct2d``): ``x * scale + bias`` with ``scale = weight * rsqrt(var + eps)``
+        and ``bias = b - mean * scale``, the product read by the add alone."""
+        add = self.produced_by(value, "add")
+        if add is None or not add.alpha_is_one or len(add.reads) < 2:
+            return False
+        product = self.produced_by(add.reads[0], "mul")
+        if product is None or not self.only_reader(add.reads[0], value[1]) or len(product.reads) < 2:
+            return False
+        scale = self.produced_by(product.reads[1], "mul")
+        shift = self.produced_by(add.reads[1], "sub")
+        return (scale is not None and shift is not None and len(scale.reads) == 2
+                and self.produced_by(scale.reads[1], "rsqrt") is not None)
+
+    def is_norm_output(self, value: Tuple[int, Optional[int]]) -> bool:
+        return self.is_batch_norm_output(value) or self.is_frozen_batch_norm_output(value)
+
     def tails(self) -> TailCount:
         count = TailCount(fused_ops=sum(e.namespace == "fused_resnet" for e in self.events))
         for index, event in enumerate(self.events):
@@ -243,14 +308,14 @@ class _TailRecorder(TorchDispatchMode):
             producer = value[1]
             if producer is None or not self.only_reader(value, index):
                 continue
-            if self.is_batch_norm_output(value):
+            if self.is_norm_output(value):
                 count.add("bn_relu", f"ops {producer} -> {index}")
                 continue
             add = self.events[producer]
             if add.name not in _ADD_OPS or not add.alpha_is_one or value[0] not in add.outputs:
                 continue
             bns = sum(1 for operand in add.reads[:2]
-                      if self.is_batch_norm_output(operand) and self.only_reader(operand, producer))
+                      if self.is_norm_output(operand) and self.only_reader(operand, producer))
             count.add(("add_relu", "bn_add_relu", "bn_add_bn_relu")[bns], f"ops {producer} -> {index}")
         return count
 
