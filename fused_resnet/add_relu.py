@@ -76,7 +76,7 @@ def add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         # Eager's own ops, differentiated by autograd: no custom-op dispatch cost on the CPU.
         return torch.add(a, b).relu_()
-    if not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+    if not backend.needs_autograd(a, b):
         # No gradient wanted: the implementation itself in an eager call (no dispatcher, no autograd).
         return backend.call_op(torch.ops.fused_resnet.add_relu, _add_relu, (a, b))
     return torch.ops.fused_resnet.add_relu(a, b)

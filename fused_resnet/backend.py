@@ -99,6 +99,13 @@ def launches_on_input_device(op: Callable) -> Callable:
     return on_input_device
 
 
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether an op call goes through its autograd Function: a gradient is wanted, or
+    ``torch.jit.trace`` is recording (its check run, without gradients, must record the same graph)."""
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or bool(
+        torch._C._get_tracing_state())
+
+
 def eager_call(x: torch.Tensor) -> bool:
     """Whether an op call may skip the ``torch.library`` dispatcher and run the op's
     implementation: an eager call on a plain tensor. Compiling, exporting and tracing (fake

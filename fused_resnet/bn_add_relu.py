@@ -410,8 +410,7 @@ def _bn_add_relu(x, weight, bias, residual, r_weight, r_bias, running_mean, runn
     PyTorch's own sequence, in place where eager allocates, differentiated by autograd:
     the same bits as eager, without the custom-op dispatch cost (~25 us a call on a CPU)."""
     if backend.use_triton(x):
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                for t in (x, weight, bias, residual, r_weight, r_bias))):
+        if not backend.needs_autograd(x, weight, bias, residual, r_weight, r_bias):
             # No gradient wanted: the forward op alone, without the autograd Function's cost.
             return bn_add_relu_forward_call(
                 x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps,

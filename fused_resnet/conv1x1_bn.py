@@ -601,8 +601,6 @@ def eval_prologue(running_mean: Tensor, running_var: Tensor, weight: Optional[Te
 # --------------------------------------------------------------------------- functional
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_conv1x1_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, name: str = "conv_weight"):
@@ -677,7 +675,7 @@ def conv1x1_bn_relu(
         y, mean, invstd = conv1x1(x, conv_weight, conv_bias, stride,
                                   stats=OutputStats(running_mean, running_var, num_batches_tracked, momentum, eps))
         return bn_add_relu_with_stats(y, mean, invstd, weight, bias, residual)
-    if _needs_grad(x, conv_weight, conv_bias, weight, bias, residual):
+    if backend.needs_autograd(x, conv_weight, conv_bias, weight, bias, residual):
         # Eval with gradients: the convolution's GEMM, then today's eval BatchNorm op.
         y, _, _ = conv1x1(x, conv_weight, conv_bias, stride)
         if residual is None:
