@@ -135,6 +135,7 @@ def layout_integers(layout: Layout) -> dict[str, Any]:
     values |= dict(zip(("stride_n", "stride_c", "stride_hw"), layout.strides))
     values |= {f"elementwise.{k}": v for k, v in dataclasses.asdict(elementwise_plan(layout)).items()}
     values |= {f"reduction.{k}": v for k, v in dataclasses.asdict(reduction_plan(layout)).items()}
+    values |= {f"statistics.{k}": v for k, v in dataclasses.asdict(reduction_plan(layout, sums=2)).items()}
     return values
 
 

@@ -45,8 +45,6 @@ import triton
 import triton.language as tl
 
 from .bn_add_relu import (
-    FINALIZE_BLOCK_C,
-    FINALIZE_BLOCK_P,
     RESIDUAL_NONE,
     ChannelNorm,
     bn_add_relu_backward_dx,
@@ -56,7 +54,7 @@ from .bn_add_relu import (
     relu_grad,
 )
 from .bn_stats import finalize_stats
-from .layout import TARGET_PROGRAMS, layout_of
+from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, layout_of
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -523,8 +521,12 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     return GemmTiles(block_m, block_n, block_k, 8, warps, 2)
 
 
+# Programs of a weight-gradient GEMM (output tiles x splits of M), at most.
+WGRAD_TARGET_PROGRAMS = 1024
+
+
 def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target,
-                 programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
+                 programs: int = WGRAD_TARGET_PROGRAMS) -> tuple[int, int]:
     """(num_splits, rows_per_split) of the weight gradient's reduction over M.
 
     About ``programs`` programs in all, each split a whole number of BLOCK_M rows, and
@@ -1012,7 +1014,7 @@ def conv1x1_prologue_backward(
             C, partials.shape[0],
             WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=False,
             R_WRITE_DW=False, R_WRITE_DB=False,
-            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C, num_warps=FINALIZE_WARPS,
         )
     if not need_input:
         return None, dw, db

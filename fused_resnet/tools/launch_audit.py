@@ -458,11 +458,23 @@ def format_stage_table(audits: Sequence[CaseAudit]) -> str:
     return "\n".join(lines)
 
 
+def format_problem_counts(audits: Sequence[CaseAudit], device: DeviceModel = H100) -> str:
+    """Launches that fail the check, per kernel and stage, over every case."""
+    counts: dict[tuple[str, str], int] = {}
+    for audit in audits:
+        for fig in audit.launches:
+            if launch_problems([fig], device):
+                counts[fig.kernel, fig.stage] = counts.get((fig.kernel, fig.stage), 0) + 1
+    lines = ["| kernel | stage | launches failing the check |", "| --- | --- | --- |"]
+    lines += [f"| `{k}` | {s} | {n} |" for (k, s), n in sorted(counts.items())]
+    return "\n".join(lines)
+
+
 def format_launch_audit(audits: Sequence[CaseAudit], device: DeviceModel = H100) -> str:
     problems = [f"{a.case.label}: {p}" for a in audits for p in a.problems(device)]
     head = (f"Launch audit on {device.name}'s plan ({device.target}, {device.sms} SMs): a PROJECTION, not a "
             f"measurement. DRAM {device.dram_tb_s} TB/s, tensor-core peaks {device.peak_tflops} TFLOP/s, "
             f"{device.latency_us} us a dependent DRAM round trip; ATen ops at their roofline bound.")
-    return "\n\n".join([head, format_kernel_table(audits), format_stage_table(audits),
+    return "\n\n".join([head, format_kernel_table(audits), format_stage_table(audits), format_problem_counts(audits, device),
                         f"{len(problems)} launch problem(s)" + ("" if not problems else ":\n" + "\n".join(
                             f"- {p}" for p in problems[:60]) + ("\n- ..." if len(problems) > 60 else ""))])
