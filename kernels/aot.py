@@ -141,7 +141,7 @@ def layout_integers(layout: Layout) -> dict[str, Any]:
 
 # Plan fields the launchers pass as constexprs: they enter a signature by value.
 TILE_FIELDS = ("elementwise.channel_is_col", "elementwise.block_rows", "elementwise.block_cols",
-               "reduction.block_c", "reduction.block_hw")
+               "reduction.block_c", "reduction.block_hw", "statistics.block_c", "statistics.block_hw")
 
 
 def layout_signature(layout: Layout) -> tuple:

@@ -29,11 +29,16 @@ REDUCTION_WARPS = 16
 # Pixel blocks a span holds at most: short spans give enough rows for TARGET_PROGRAMS at batch 32.
 MAX_BLOCKS_PER_SPAN = 2
 ELEMENTWISE_BLOCK = 1024
+# Programs a combining pass aims for: two per SM of an H100 (132 SMs). A fixed number, not
+# the device's, so that the plan (and so every bit of the result) never depends on the GPU.
+PLAN_PROGRAMS = 264
+# Below this many bytes a pass is bound by its launch and one DRAM round trip, whatever its grid.
+SMALL_PASS_BYTES = 256 * 1024
 # The finalize kernels that add the partials of each channel in a fixed order: [BLOCK_P
-# partials, BLOCK_C channels] tiles, one program per BLOCK_C channels (8 at C = 64, 256
+# partials, BLOCK_C channels] tiles, one program per BLOCK_C channels (16 at C = 64, 512
 # at C = 2048), a handful of dependent iterations over TARGET_PROGRAMS partials.
-FINALIZE_BLOCK_C = 8
-FINALIZE_BLOCK_P = 512
+FINALIZE_BLOCK_C = 4
+FINALIZE_BLOCK_P = 1024
 FINALIZE_WARPS = 8
 
 
@@ -123,14 +128,11 @@ class ReductionPlan:
     rows_per_program: int
     num_partials: int
     channel_blocks: int
+    num_warps: int
 
     @property
     def grid(self) -> tuple[int, int]:
         return (self.channel_blocks, self.num_partials)
-
-    @property
-    def num_warps(self) -> int:
-        return REDUCTION_WARPS
 
 
 def reduction_plan(layout: Layout, sums: int = 3) -> ReductionPlan:
@@ -138,15 +140,17 @@ def reduction_plan(layout: Layout, sums: int = 3) -> ReductionPlan:
     per channel (statistics: 2, backward: 3): programs in inverse proportion, so that the
     partials stay as small (TARGET_PROGRAMS is the backward's)."""
     target_programs = max(1, TARGET_PROGRAMS * 3 // sums)
+    # The backward reads two to four tensors a tile, and holds three sums: half the tile, eight warps (16 spill).
+    tile, warps = (REDUCTION_TILE, REDUCTION_WARPS) if sums <= 2 else (REDUCTION_TILE // 2, REDUCTION_WARPS // 2)
     if layout.channels_last:
         # Channels are contiguous: a wide channel tile gives coalesced rows.
         block_c = min(triton.next_power_of_2(layout.C), 64)
-        block_hw = min(max(REDUCTION_TILE // block_c, 1), triton.next_power_of_2(max(layout.HW, 1)))
+        block_hw = min(max(tile // block_c, 1), triton.next_power_of_2(max(layout.HW, 1)))
     else:
         # Pixels are contiguous: a pixel tile as long as the plane (at most 1024), and as many
         # channels as fill REDUCTION_TILE (7x7 planes: 64 channels of 64 pixels, not one element a thread).
         block_hw = min(triton.next_power_of_2(max(layout.HW, 1)), 1024)
-        block_c = min(max(REDUCTION_TILE // block_hw, 1), triton.next_power_of_2(max(layout.C, 1)), 64)
+        block_c = min(max(tile // block_hw, 1), triton.next_power_of_2(max(layout.C, 1)), 64)
     channel_blocks = triton.cdiv(layout.C, block_c)
     # Two pixel blocks a span where that leaves rows for TARGET_PROGRAMS programs, else one;
     # >= 1: an empty image has a span too.
@@ -166,4 +170,5 @@ def reduction_plan(layout: Layout, sums: int = 3) -> ReductionPlan:
         rows_per_program=rows_per_program,
         num_partials=num_partials,
         channel_blocks=channel_blocks,
+        num_warps=warps,
     )

@@ -55,6 +55,11 @@ class DeviceModel:
     peak_tflops: dict
     latency_us: float  # one dependent DRAM round trip under load
     warps_per_sm: int = 64
+    shared_bytes: int = 227 * 1024  # per SM, what one block may ask for
+    registers: int = 65536  # per SM
+    # Registers a thread of a dot kernel is assumed to use besides two per accumulator
+    # element it holds (128x128 on eight warps: 64 + 128 = 192; the AOT test reads 100-255).
+    dot_base_registers: int = 64
     target: str = "sm_90a"
 
 
@@ -79,6 +84,10 @@ class KernelModel:
     dot_loop: bool = False  # a tl.dot loop: Triton pipelines it with num_stages > 1
     range_stages: Optional[str] = None  # constexpr holding tl.range(..., num_stages=) of the loop, if any
     sampled: dict = field(default_factory=dict)  # argument -> elements read, from the bound arguments
+    # Elements of the operand tiles one pipeline stage holds in shared memory, and of the
+    # fp32 accumulators a program holds in registers (dot kernels).
+    stage_elements: Callable[[dict], int] = lambda a: 0
+    accumulator_elements: Callable[[dict], int] = lambda a: 0
 
 
 def _second(a: dict, key: str) -> int:
@@ -91,18 +100,27 @@ KERNEL_MODELS: dict[str, KernelModel] = {
     "bn_stats_finalize_kernel": KernelModel(depth=lambda a: _cdiv(a["num_partials"], a["BLOCK_P"]),
                                             sampled={"x_ptr": lambda a: a["C"]}),
     "bn_add_relu_backward_finalize_kernel": KernelModel(depth=lambda a: _cdiv(a["num_partials"], a["BLOCK_P"])),
-    "conv1x1_stats_merge_kernel": KernelModel(depth=lambda a: _cdiv(a["num_tiles"], a["BLOCK_P"])),
-    "split_sum_kernel": KernelModel(depth=lambda a: a["num_splits"]),
+    "conv1x1_stats_merge_kernel": KernelModel(depth=lambda a: _cdiv(min(a["tiles_per_group"], a["num_tiles"]),
+                                                                    a["BLOCK_P"])),
+    "split_sum_kernel": KernelModel(depth=lambda a: _cdiv(min(a["rows_per_group"], a["num_rows"]), a["BLOCK_R"])),
     "conv1x1_forward_kernel": KernelModel(depth=lambda a: _cdiv(a["K"], a["BLOCK_K"]),
-                                          flops=lambda a: 2 * a["M"] * a["N"] * a["K"], dot_loop=True),
+                                          flops=lambda a: 2 * a["M"] * a["N"] * a["K"], dot_loop=True,
+                                          stage_elements=lambda a: (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"],
+                                          accumulator_elements=lambda a: a["BLOCK_M"] * a["BLOCK_N"]),
     "conv1x1_dgrad_kernel": KernelModel(
         depth=lambda a: _cdiv(a["N"], a["BLOCK_N"]) + _cdiv(_second(a, "N2"), a["BLOCK_N"]),
-        flops=lambda a: 2 * a["M"] * a["K"] * (a["N"] + _second(a, "N2")), dot_loop=True),
+        flops=lambda a: 2 * a["M"] * a["K"] * (a["N"] + _second(a, "N2")), dot_loop=True,
+        stage_elements=lambda a: (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_N"],
+        accumulator_elements=lambda a: a["BLOCK_M"] * a["BLOCK_K"]),
     "conv1x1_wgrad_kernel": KernelModel(depth=lambda a: _cdiv(a["rows_per_split"], a["BLOCK_M"]),
-                                        flops=lambda a: 2 * a["M"] * a["N"] * a["K"], dot_loop=True),
+                                        flops=lambda a: 2 * a["M"] * a["N"] * a["K"], dot_loop=True,
+                                        stage_elements=lambda a: (a["BLOCK_N"] + a["BLOCK_K"]) * a["BLOCK_M"],
+                                        accumulator_elements=lambda a: a["BLOCK_N"] * a["BLOCK_K"]),
     "conv1x1_dgrad_wgrad_kernel": KernelModel(
         depth=lambda a: _cdiv(a["rows_per_split"], a["BLOCK_M"]),
-        flops=lambda a: 4 * a["M"] * a["K"] * (a["N"] + _second(a, "N2")), dot_loop=True),
+        flops=lambda a: 4 * a["M"] * a["K"] * (a["N"] + _second(a, "N2")), dot_loop=True,
+        stage_elements=lambda a: (a["BLOCK_N"] + a["BLOCK_K"] + _second(a, "BLOCK_N2")) * a["BLOCK_M"],
+        accumulator_elements=lambda a: (a["BLOCK_M"] + a["BLOCK_N"] + _second(a, "BLOCK_N2")) * a["BLOCK_K"]),
 }
 
 
@@ -123,6 +141,8 @@ class LaunchFigures:
     num_stages: int
     num_warps: int
     precision: str
+    shared_bytes: int = 0
+    accumulators: int = 0
     bandwidth_us: float = 0.0
     compute_us: float = 0.0
     serial_us: float = 0.0
@@ -163,7 +183,12 @@ def project(fig: LaunchFigures, device: DeviceModel) -> LaunchFigures:
     fill = min(1.0, fig.programs / device.sms) if fig.programs else 1.0
     fig.bandwidth_us = fig.bytes / (device.dram_tb_s * 1e6)
     fig.compute_us = fig.flops / (device.peak_tflops[fig.precision] * 1e6) if fig.flops else 0.0
-    resident = device.sms * max(1, device.warps_per_sm // fig.num_warps) if not fig.flops else device.sms
+    per_sm = device.warps_per_sm // fig.num_warps
+    if fig.flops:  # a dot kernel: its pipeline stages in shared memory and its registers bound it too
+        threads = 32 * fig.num_warps
+        registers = min(255, device.dot_base_registers + 2 * _cdiv(fig.accumulators, threads))
+        per_sm = min(per_sm, device.shared_bytes // max(fig.shared_bytes, 1), device.registers // (threads * registers))
+    resident = device.sms * max(1, per_sm)
     waves = _cdiv(max(fig.programs, 1), resident)
     in_flight = fig.num_stages if fig.pipelined else 1
     fig.serial_us = waves * fig.depth * device.latency_us / in_flight
@@ -182,7 +207,14 @@ def read_launch(launch, stage: str, device: DeviceModel) -> LaunchFigures:
     fig = LaunchFigures(launch.name, stage, math.prod(int(g) for g in grid), launch_bytes(launch, model, args),
                         int(model.flops(args)), int(model.depth(args)), pipelined, num_stages,
                         int(launch.kwargs.get("num_warps", 4)), _precision(args))
+    if model.dot_loop:
+        fig.shared_bytes = num_stages * model.stage_elements(args) * _operand_size(args)
+        fig.accumulators = int(model.accumulator_elements(args))
     return project(fig, device)
+
+
+def _operand_size(args: dict) -> int:
+    return 2 if _precision(args) in ("bf16", "fp16") else 4
 
 
 # ------------------------------------------------------------------ recording a model
