@@ -84,7 +84,9 @@ def relu_stored(pre, OUT_DTYPE: tl.constexpr):
     return tl.where(pre < 0.0, 0.0, pre).to(OUT_DTYPE)
 
 
-@triton.jit
+# num_rows (N * H * W or N * C) changes with the batch and bounds only the row mask, across
+# the vector dimension: specialising it would compile a batch of 31 anew for nothing.
+@triton.jit(do_not_specialize=["num_rows"])
 def bn_add_relu_forward_kernel(
     x_ptr, r_ptr, y_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr,
@@ -239,7 +241,7 @@ def bn_input_grad(g, v, c, mask, mean, scale, invstd, sum_g_ptr, sum_gv_ptr, cou
     return scale * g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # as bn_add_relu_forward_kernel's
 def bn_add_relu_backward_dx_kernel(
     dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, r_ptr, dr_ptr, sums_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,

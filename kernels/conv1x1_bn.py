@@ -129,7 +129,9 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 # ------------------------------------------------------------------------------ forward
 
 
-@triton.jit
+# M (N * H_out * W_out) changes with the batch and bounds only row masks, across the vector
+# dimension (channels): specialising it on divisibility would compile a ragged last batch anew.
+@triton.jit(do_not_specialize=["M"])
 def conv1x1_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, r_ptr, partial_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -272,7 +274,7 @@ def dgrad_store(acc, x, offsets, mask, k, k_mask, partial_row_ptr, out_ptr, add_
         tl.store(out_ptr + offsets, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # as conv1x1_forward_kernel's
 def conv1x1_dgrad_kernel(
     dy_ptr, w_ptr, out_ptr, add_ptr, x_ptr, partial_ptr, dy2_ptr, w2_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -326,7 +328,7 @@ def conv1x1_dgrad_kernel(
                 PROLOGUE, P_HAS_WEIGHT, P_HAS_BIAS, ADD, INTERPRETER_BF16, x_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])  # as conv1x1_forward_kernel's
 def conv1x1_wgrad_kernel(
     dy_ptr, x_ptr, partial_ptr, bias_partial_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -374,7 +376,7 @@ def conv1x1_wgrad_kernel(
             tl.store(bias_partial_ptr + pid_s.to(tl.int64) * N + n, acc_b, mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])  # as conv1x1_forward_kernel's
 def conv1x1_dgrad_wgrad_kernel(
     dy_ptr, w_ptr, x_ptr, out_ptr, partial_ptr, w_partial_ptr, b_partial_ptr,
     dy2_ptr, w2_ptr, w2_partial_ptr, b2_partial_ptr,

@@ -160,6 +160,8 @@ def test_smoke_run_writes_every_file_and_figure(tmp_path):
     assert list(data["phases"]) == list(gpu.PHASES)
     assert {p["status"] for p in data["phases"].values()} <= {"ok", "cut"}
     assert {"cpu", "torch", "triton", "python"} <= set(data["machine"])
+    # The measured copy bandwidth, the reference beside the datasheet (a CPU figure here).
+    assert data["machine"]["copy_bandwidth_bytes_per_s"] > 0
     c = data["correctness"]
     assert c["pytest"]["passed"] is True and c["pytest"]["tests_passed"] > 0 and c["pytest"]["interpreter"]
     assert c["sync_debug"]["status"] == c["cuda_graph"]["status"] == "skipped"
