@@ -596,6 +596,8 @@ def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target,
     return triton.cdiv(M, rows_per_split) if M > 0 else 1, rows_per_split
 
 
+_TRITON_BEFORE_3_7 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+
 # Programs of the one-pass backward: about two per SM of an A100 / H100; more would add
 # weight-gradient partials (each program's are the whole weight) for no more bandwidth.
 DGRAD_WGRAD_PROGRAMS = 256
@@ -629,7 +631,10 @@ def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, preci
     if target.backend != "cuda" or target.arch < 90 or (dtype == torch.float32 and precision == "ieee"):
         return None
     if torch.empty((), dtype=dtype).element_size() == 2:
-        return GemmTiles(64, block_n, block_k, 1, 8, 2)
+        # Triton 3.6 gives the 256-wide prologue case (layer1's conv3) 255 registers and 8
+        # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a).
+        stages = 1 if (prologue and block_n >= 256 and _TRITON_BEFORE_3_7) else 2
+        return GemmTiles(64, block_n, block_k, 1, 8, stages)
     if prologue:
         return GemmTiles(16, block_n, block_k, 1, 16, 1)
     return GemmTiles(32, block_n, block_k, 1, 8, 2)
