@@ -542,7 +542,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     spills on sm_80 with four). ``fill``: where the output tiles are fewer than
     PLAN_PROGRAMS, smaller ones (down to 64) and on NVIDIA a deeper BLOCK_K for a long K
     (the weight gradient passes False: its splits of M fill the GPU instead). Two stages
-    where K fits one BLOCK_K. fp32 without TF32 on NVIDIA runs on the FMA units:
+    where K fits one BLOCK_K (sm_90). fp32 without TF32 on NVIDIA runs on the FMA units:
     64x64x16 tiles on eight warps, two stages (software pipelining of a prologue on the
     FMA path beyond two stages, 32-deep tiles, or one stage on sm_90a spill).
     """
@@ -568,10 +568,11 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
             block_k, deep = 2 * block_k, True
     warps = 8 if (block_m * block_n >= 128 * 128 or b_prologue) else 4
     if cuda:
-        # K in one BLOCK_K (layer1's 64 channels): one iteration, nothing to pipeline; two
-        # stages, not four, keep the shared memory for a second program on the SM.
+        # K in one BLOCK_K (layer1's 64 channels) on sm_90: one iteration, nothing to
+        # pipeline; two stages, not four, keep the shared memory for a second program on the
+        # SM (sm_80 keeps three: triton 3.6 spills 16 bytes of the dgrad with two there).
         # The deep tile: three stages, so that two programs share an SM (64x64x128 x 2 bytes x 4 would be 128 KiB).
-        stages = 2 if K <= block_k else (3 if (target.arch == 80 or deep) else 4)
+        stages = 2 if (K <= block_k and target.arch != 80) else (3 if (target.arch == 80 or deep) else 4)
         return GemmTiles(block_m, block_n, block_k, 8, warps, stages)
     return GemmTiles(block_m, block_n, block_k, 8, warps, 2)
 
@@ -635,6 +636,10 @@ def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, preci
         # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a).
         stages = 1 if (prologue and block_n >= 256 and _TRITON_BEFORE_3_7) else 2
         return GemmTiles(64, block_n, block_k, 1, 8, stages)
+    if _TRITON_BEFORE_3_7:
+        # TF32: Triton 3.6 lowers these 16- and 32-row dots to mma.sync, not wgmma (AOT,
+        # sm_90a): the two kernels instead, whose dots are wgmma there.
+        return None
     if prologue:
         return GemmTiles(16, block_n, block_k, 1, 16, 1)
     return GemmTiles(32, block_n, block_k, 1, 8, 2)
