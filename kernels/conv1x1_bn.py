@@ -930,7 +930,11 @@ def conv1x1_dgrad(
     tiles = gemm_tiles(geo.M, geo.C_in, geo.C_out, x.dtype, *_plan(x.dtype, allow_tf32, target),
                        heavy_epilogue=prologue is not None)
     # Here the GEMM's output columns are C_in (BLOCK_K) and its reduction C_out (BLOCK_N).
-    tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, tiles.num_warps, tiles.num_stages)
+    # Two reductions (second) on sm_80: eight warps (four: 168 registers and 8 bytes of
+    # spill under triton 3.6 at layer1's TF32 conv1 + downsample; eight: 104, none).
+    warps = 8 if (second is not None and target is not None and target.backend == "cuda" and target.arch == 80) \
+        else tiles.num_warps
+    tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, warps, tiles.num_stages)
     num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
     partials = (torch.empty((num_m_tiles, 3, geo.C_in), device=x.device, dtype=torch.float32)
                 if prologue is not None else None)
