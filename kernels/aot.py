@@ -135,12 +135,13 @@ def layout_integers(layout: Layout) -> dict[str, Any]:
     values |= dict(zip(("stride_n", "stride_c", "stride_hw"), layout.strides))
     values |= {f"elementwise.{k}": v for k, v in dataclasses.asdict(elementwise_plan(layout)).items()}
     values |= {f"reduction.{k}": v for k, v in dataclasses.asdict(reduction_plan(layout)).items()}
+    values |= {f"statistics.{k}": v for k, v in dataclasses.asdict(reduction_plan(layout, sums=2)).items()}
     return values
 
 
 # Plan fields the launchers pass as constexprs: they enter a signature by value.
 TILE_FIELDS = ("elementwise.channel_is_col", "elementwise.block_rows", "elementwise.block_cols",
-               "reduction.block_c", "reduction.block_hw")
+               "reduction.block_c", "reduction.block_hw", "statistics.block_c", "statistics.block_hw")
 
 
 def layout_signature(layout: Layout) -> tuple:
@@ -427,10 +428,20 @@ def tensor_core_instructions(asm: dict) -> int:
     return sum(text.count(op) for op in TENSOR_CORE_INSTRUCTIONS[text_key])
 
 
+# Hopper's warpgroup MMA: on sm_90a every tensor-core dot should lower to it, not to mma.sync.
+WGMMA_INSTRUCTION = "wgmma.mma_async"
+# What a software-pipelined loop's loads become in TTGIR (cp.async or TMA into shared memory).
+PIPELINED_LOADS = ("async_copy_global_to_local", "async_tma_copy_global_to_local")
+
+
 def _measure(compiled) -> dict:
-    """Registers, spills, the binary's own (static) shared memory and its tensor-core instructions."""
+    """Registers, spills, the binary's own (static) shared memory, its tensor-core
+    instructions (wgmma apart) and whether a loop's loads were software-pipelined."""
     asm = compiled.asm
-    return _registers_and_spills(asm) | {"tensor_core_instructions": tensor_core_instructions(asm)}
+    ttgir = asm.get("ttgir", "")
+    return _registers_and_spills(asm) | {"tensor_core_instructions": tensor_core_instructions(asm),
+                                         "wgmma_instructions": asm.get("ptx", "").count(WGMMA_INSTRUCTION),
+                                         "pipelined": any(op in ttgir for op in PIPELINED_LOADS)}
 
 
 def _registers_and_spills(asm: dict) -> dict:
@@ -457,8 +468,8 @@ def _registers_and_spills(asm: dict) -> dict:
             "stack_bytes": scratch, "local_bytes": 0, "static_shared_bytes": first(r"\.group_segment_fixed_size:\s+(\d+)")}
 
 
-# v2: shared_bytes is what the launch asks for; v3: tensor_core_instructions
-_USAGE_FILE = "fused_resnet_resource_usage_v3.json"
+# v2: shared_bytes is what the launch asks for; v3: tensor_core_instructions; v4: wgmma, pipelined
+_USAGE_FILE = "fused_resnet_resource_usage_v4.json"
 
 
 def resource_usage(compiled) -> dict:
@@ -472,7 +483,9 @@ def resource_usage(compiled) -> dict:
     ``shared_bytes`` is the shared memory (LDS) the launch asks for (Triton's
     ``metadata.shared``, what ``SHARED_MEMORY_LIMITS`` bounds); ``static_shared_bytes`` what
     the binary declares itself (sm_90a: 1 KiB the driver reserves, whatever the kernel).
-    ``tensor_core_instructions``: :func:`tensor_core_instructions` of its assembly.
+    ``tensor_core_instructions``: :func:`tensor_core_instructions` of its assembly, of which
+    ``wgmma_instructions`` Hopper's; ``pipelined``: a loop's loads go through shared memory
+    asynchronously (Triton's software pipeliner ran), read from its TTGIR.
     """
     from triton.runtime.cache import get_cache_manager
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .bn_stats import row_tile_offsets
-from .layout import Layout, elementwise_plan, reduction_plan
+from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, Layout, elementwise_plan, reduction_plan
 
 # What is added before the final ReLU.
 RESIDUAL_NONE = 0
@@ -84,7 +84,9 @@ def relu_stored(pre, OUT_DTYPE: tl.constexpr):
     return tl.where(pre < 0.0, 0.0, pre).to(OUT_DTYPE)
 
 
-@triton.jit
+# num_rows (N * H * W or N * C) changes with the batch and bounds only the row mask, across
+# the vector dimension: specialising it would compile a batch of 31 anew for nothing.
+@triton.jit(do_not_specialize=["num_rows"])
 def bn_add_relu_forward_kernel(
     x_ptr, r_ptr, y_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr,
@@ -239,7 +241,7 @@ def bn_input_grad(g, v, c, mask, mean, scale, invstd, sum_g_ptr, sum_gv_ptr, cou
     return scale * g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # as bn_add_relu_forward_kernel's
 def bn_add_relu_backward_dx_kernel(
     dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, r_ptr, dr_ptr, sums_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
@@ -284,8 +286,6 @@ def bn_add_relu_backward_dx_kernel(
         tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
 
-FINALIZE_BLOCK_C = 64
-FINALIZE_BLOCK_P = 32
 
 
 @dataclass
@@ -402,7 +402,7 @@ def bn_add_relu_backward_sums(
         STORE_G=d_res is not None, RESIDUAL_IS_BN=is_bn, MASK_FROM_INPUTS=mask_from_inputs,
         HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
         R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
-        BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
+        BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         partials, sums, norm.invstd, _or(dw, sums), _or(db, sums),
@@ -410,7 +410,7 @@ def bn_add_relu_backward_sums(
         C, plan.num_partials,
         WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=is_bn,
         R_WRITE_DW=r_dw is not None, R_WRITE_DB=r_db is not None,
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C, num_warps=FINALIZE_WARPS,
     )
     return sums, d_res, dw, db, r_dw, r_db
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import Layout, reduction_plan
+from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, Layout, reduction_plan
 
 
 @triton.jit
@@ -131,10 +131,6 @@ def bn_stats_finalize_kernel(
         tl.store(running_var_ptr + c, new_rv.to(rv.dtype), mask=c_mask)
 
 
-FINALIZE_BLOCK_C = 64
-FINALIZE_BLOCK_P = 32
-
-
 def bn_stats(
     x: torch.Tensor,
     layout: Layout,
@@ -152,14 +148,14 @@ def bn_stats(
     ``return_var`` also returns the biased batch variance (for merging statistics
     across processes): ``(mean, invstd, var)``.
     """
-    plan = reduction_plan(layout)
+    plan = reduction_plan(layout, sums=2)
     stride_n, stride_c, stride_hw = layout.strides
     partials = torch.empty((plan.num_partials, 2, layout.C), device=x.device, dtype=torch.float32)
     bn_stats_partial_kernel[plan.grid](
         x, partials,
         layout.N, layout.C, layout.HW, stride_n, stride_c, stride_hw,
         plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
-        BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c,
+        BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     mean, invstd, var = finalize_stats(partials, x, stride_c, plan.num_partials, layout.C, layout.N * layout.HW,
                                        running_mean, running_var, num_batches_tracked, momentum, eps, return_var)
@@ -201,6 +197,6 @@ def finalize_stats(
         0.0 if momentum is None else float(momentum), float(eps),
         STORE_VAR=return_var, UPDATE_RUNNING=update, CUMULATIVE=cumulative,
         COUNT_BATCH=counts and not cumulative,
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C, num_warps=FINALIZE_WARPS,
     )
     return mean, invstd, var

@@ -47,8 +47,6 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from .bn_add_relu import (
-    FINALIZE_BLOCK_C,
-    FINALIZE_BLOCK_P,
     RESIDUAL_NONE,
     ChannelNorm,
     bn_add_relu_backward_dx,
@@ -58,7 +56,7 @@ from .bn_add_relu import (
     relu_grad,
 )
 from .bn_stats import finalize_stats
-from .layout import TARGET_PROGRAMS, layout_of
+from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, PLAN_PROGRAMS, SMALL_PASS_BYTES, layout_of
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -133,7 +131,9 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 # ------------------------------------------------------------------------------ forward
 
 
-@triton.jit
+# M (N * H_out * W_out) changes with the batch and bounds only row masks, across the vector
+# dimension (channels): specialising it on divisibility would compile a ragged last batch anew.
+@triton.jit(do_not_specialize=["M"])
 def conv1x1_forward_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, r_ptr, partial_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -197,26 +197,30 @@ def conv1x1_forward_kernel(
         tl.store(out + N, tile_m2, mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "M", "tile_rows", "tiles_per_group"])
 def conv1x1_stats_merge_kernel(
-    partial_ptr, merged_ptr, C, num_tiles, M, tile_rows,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    partial_ptr, merged_ptr, C, num_tiles, M, tile_rows, tiles_per_group,
+    FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the per-tile (mean, M2) of each channel in a fixed order and writes
-    merged[3, C] = (0, M2, mean): the [1, 2, C] shifted-sums partial of ``bn_stats``'
-    finalize (shift = mean, so the sum of deviations is 0) followed by the shift."""
+    """Merges the per-tile (mean, M2) of each channel of group ``program_id(1)`` (tiles
+    ``tiles_per_group`` of them, ``tile_rows`` rows each but the last) in a fixed order.
+    FINAL (one group): writes merged[3, C] = (0, M2, mean), the [1, 2, C] shifted-sums
+    partial of ``bn_stats``' finalize (shift = mean, so the sum of deviations is 0) followed
+    by the shift; else merged[group, 2, C] = (mean, M2), the tiles of the next level."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
+    first = tl.program_id(1) * tiles_per_group
+    last = tl.minimum(first + tiles_per_group, num_tiles)
     p = tl.arange(0, BLOCK_P)
-    # Block means are taken relative to the first tile's mean, which keeps their sums
+    # Block means are taken relative to the group's first tile mean, which keeps their sums
     # small when |mean| >> std.
-    shift = tl.load(partial_ptr + c, mask=c_mask & (num_tiles > 0), other=0.0)
+    shift = tl.load(partial_ptr + first.to(tl.int64) * 2 * C + c, mask=c_mask & (first < last), other=0.0)
     n_a = 0.0
     mean_a = shift
     m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, num_tiles, BLOCK_P):
+    for p0 in range(first, last, BLOCK_P):
         t = p0 + p
-        t_mask = t < num_tiles
+        t_mask = t < last
         cnt = tl.where(t_mask, tl.minimum(M - t * tile_rows, tile_rows), 0).to(tl.float32)
         mask = t_mask[:, None] & c_mask[None, :]
         base = partial_ptr + t.to(tl.int64)[:, None] * 2 * C + c[None, :]
@@ -232,9 +236,14 @@ def conv1x1_stats_merge_kernel(
         mean_a = mean_a + delta * (n_b / n_ab)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_ab)
         n_a = n_ab
-    tl.store(merged_ptr + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=c_mask)
-    tl.store(merged_ptr + C + c, m2_a, mask=c_mask)
-    tl.store(merged_ptr + 2 * C + c, mean_a, mask=c_mask)
+    if FINAL:
+        tl.store(merged_ptr + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=c_mask)
+        tl.store(merged_ptr + C + c, m2_a, mask=c_mask)
+        tl.store(merged_ptr + 2 * C + c, mean_a, mask=c_mask)
+    else:
+        out = merged_ptr + tl.program_id(1).to(tl.int64) * 2 * C + c
+        tl.store(out, mean_a, mask=c_mask)
+        tl.store(out + C, m2_a, mask=c_mask)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -267,7 +276,7 @@ def dgrad_store(acc, x, offsets, mask, k, k_mask, partial_row_ptr, out_ptr, add_
         tl.store(out_ptr + offsets, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # as conv1x1_forward_kernel's
 def conv1x1_dgrad_kernel(
     dy_ptr, w_ptr, out_ptr, add_ptr, x_ptr, partial_ptr, dy2_ptr, w2_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -321,7 +330,7 @@ def conv1x1_dgrad_kernel(
                 PROLOGUE, P_HAS_WEIGHT, P_HAS_BIAS, ADD, INTERPRETER_BF16, x_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])  # as conv1x1_forward_kernel's
 def conv1x1_wgrad_kernel(
     dy_ptr, x_ptr, partial_ptr, bias_partial_ptr,
     p_mean_ptr, p_invstd_ptr, p_w_ptr, p_b_ptr,
@@ -369,7 +378,7 @@ def conv1x1_wgrad_kernel(
             tl.store(bias_partial_ptr + pid_s.to(tl.int64) * N + n, acc_b, mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])  # as conv1x1_forward_kernel's
 def conv1x1_dgrad_wgrad_kernel(
     dy_ptr, w_ptr, x_ptr, out_ptr, partial_ptr, w_partial_ptr, b_partial_ptr,
     dy2_ptr, w2_ptr, w2_partial_ptr, b2_partial_ptr,
@@ -451,17 +460,26 @@ def conv1x1_dgrad_wgrad_kernel(
             tl.store(b2_partial_ptr + pid_s.to(tl.int64) * N2 + n2, acc_b2, mask=n2_mask)
 
 
-@triton.jit
-def split_sum_kernel(partial_ptr, out_ptr, numel, num_splits, INTERPRETER_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum over s of partials[s, i], s in order (bitwise reproducible)."""
+@triton.jit(do_not_specialize=["num_rows", "rows_per_group"])
+def split_sum_kernel(partial_ptr, out_ptr, numel, num_rows, rows_per_group,
+                     INTERPRETER_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """out[g, i] = sum of partials[r, i] over the rows r of group g = ``program_id(1)``
+    (``rows_per_group`` of them), as [BLOCK_R, BLOCK] tiles added in row order and then
+    summed over the tile's rows: a fixed order (bitwise reproducible)."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    ptrs = partial_ptr + i.to(tl.int64)
-    for _ in range(num_splits):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += numel  # pointer arithmetic: 64-bit however many splits
-    tl.store(out_ptr + i, rounded(acc, out_ptr.dtype.element_ty, INTERPRETER_BF16), mask=mask)
+    group = tl.program_id(1)
+    first = group * rows_per_group
+    last = tl.minimum(first + rows_per_group, num_rows)
+    r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK], dtype=tl.float32)
+    for r0 in range(first, last, BLOCK_R):
+        rows = r0 + r
+        tile_mask = (rows < last)[:, None] & mask[None, :]
+        acc += tl.load(partial_ptr + rows.to(tl.int64)[:, None] * numel + i[None, :], mask=tile_mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr + group.to(tl.int64) * numel + i, rounded(total, out_ptr.dtype.element_ty, INTERPRETER_BF16),
+             mask=mask)
 
 
 # ---------------------------------------------------------------------------- tile rule
@@ -481,9 +499,26 @@ class GemmTiles:
 
 # The interpreter runs tl.dot as a numpy matmul per program: small tiles keep it quick.
 INTERPRETER_TILES = GemmTiles(16, 16, 16, group_m=4, num_warps=1, num_stages=1)
-SPLIT_SUM_BLOCK = 1024
-STATS_MERGE_BLOCK_C = 64
-STATS_MERGE_BLOCK_P = 32
+# split_sum_kernel's tiles hold SPLIT_SUM_TILE elements: BLOCK columns (64 to 1024, enough
+# column blocks for PLAN_PROGRAMS programs where numel allows) by SPLIT_SUM_TILE / BLOCK rows.
+SPLIT_SUM_TILE = 4096
+# conv1x1_stats_merge_kernel: channels a program merges, and tiles of a group per loop iteration.
+STATS_MERGE_BLOCK_C = 32
+STATS_MERGE_BLOCK_P = 64
+
+
+def combining_levels(rows: int, row_bytes: int, col_blocks: int) -> list[int]:
+    """Rows per group of each level of a fixed-order combination of ``rows`` partial rows
+    (``row_bytes`` each) split into ``col_blocks`` column blocks: intermediate levels of
+    groups that leave about PLAN_PROGRAMS programs, until one program per column block reads
+    under SMALL_PASS_BYTES (or the column blocks alone fill the GPU); the last level is one
+    group. A rule of the shape only."""
+    levels = []
+    while rows > 1 and col_blocks < PLAN_PROGRAMS and rows * row_bytes > SMALL_PASS_BYTES:
+        group = max(2, rows * col_blocks // PLAN_PROGRAMS)
+        levels.append(group)
+        rows = triton.cdiv(rows, group)
+    return levels + [max(rows, 1)]
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
@@ -495,7 +530,7 @@ GEMM_MAX_BLOCK_M = 128
 
 
 def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: str = "ieee",
-               heavy_epilogue: bool = False, b_prologue: bool = False) -> GemmTiles:
+               heavy_epilogue: bool = False, b_prologue: bool = False, fill: bool = True) -> GemmTiles:
     """The tiles of an [M, K] x [K, N] GEMM on ``target``, a deterministic rule.
 
     ``target``: a ``triton.backends.compiler.GPUTarget`` (backend "cuda" / "hip"), or
@@ -506,7 +541,10 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     half that on AMD, whose 64 KiB of LDS must hold the stages: (BLOCK_M + BLOCK_N) *
     BLOCK_K * bytes <= 32 KiB a stage. Eight warps from 128x128 up, and for a BatchNorm
     prologue on the second operand (the weight gradient's recomputed activation, which
-    spills on sm_80 with four). fp32 without TF32 on NVIDIA runs on the FMA units:
+    spills on sm_80 with four). ``fill``: where the output tiles are fewer than
+    PLAN_PROGRAMS, smaller ones (down to 64) and on NVIDIA a deeper BLOCK_K for a long K
+    (the weight gradient passes False: its splits of M fill the GPU instead). Two stages
+    where K fits one BLOCK_K (sm_90). fp32 without TF32 on NVIDIA runs on the FMA units:
     64x64x16 tiles on eight warps, two stages (software pipelining of a prologue on the
     FMA path beyond two stages, 32-deep tiles, or one stage on sm_90a spill).
     """
@@ -519,28 +557,49 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     block_m = _pow2_between(M, 16, GEMM_MAX_BLOCK_M)
     block_n = _pow2_between(N, 16, 64 if heavy_epilogue else 128)
     block_k = _pow2_between(K, 16, (128 if cuda else 64) // size)
+    deep = False
+    # A short grid (batch 32, layers 3-4) takes 64-wide tiles before it leaves SMs idle, and
+    # then (NVIDIA) a reduction tile twice as deep where K is long: half the dependent steps.
+    while (fill and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < PLAN_PROGRAMS
+           and max(block_m, block_n) > 64):
+        if block_m >= block_n:
+            block_m //= 2
+        else:
+            block_n //= 2
+        if cuda and max(block_m, block_n) <= 64 and K >= 8 * block_k and not deep:
+            block_k, deep = 2 * block_k, True
     warps = 8 if (block_m * block_n >= 128 * 128 or b_prologue) else 4
     if cuda:
-        return GemmTiles(block_m, block_n, block_k, 8, warps, 3 if target.arch == 80 else 4)
+        # K in one BLOCK_K (layer1's 64 channels) on sm_90: one iteration, nothing to
+        # pipeline; two stages, not four, keep the shared memory for a second program on the
+        # SM (sm_80 keeps three: triton 3.6 spills 16 bytes of the dgrad with two there).
+        # The deep tile: three stages, so that two programs share an SM (64x64x128 x 2 bytes x 4 would be 128 KiB).
+        stages = 2 if (K <= block_k and target.arch != 80) else (3 if (target.arch == 80 or deep) else 4)
+        return GemmTiles(block_m, block_n, block_k, 8, warps, stages)
     return GemmTiles(block_m, block_n, block_k, 8, warps, 2)
 
 
 def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target,
-                 programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
+                 programs: int = PLAN_PROGRAMS, partial_share: int = 2) -> tuple[int, int]:
     """(num_splits, rows_per_split) of the weight gradient's reduction over M.
 
-    About ``programs`` programs in all, each split a whole number of BLOCK_M rows, and
-    on a GPU the fp32 partials (written and read once) at most 1/8 of the operands'
-    bytes. The interpreter splits by rows alone, so small tests combine several splits.
+    About ``programs`` programs in all (two per H100 SM: more only adds partials), each
+    split a whole number of BLOCK_M rows, and on a GPU the fp32 partials (written and read
+    once) at most 1/``partial_share`` of the operands' bytes (a half: at batch 32 an eighth
+    left 56 programs for 132 SMs; PLAN_PROGRAMS bounds them at batch 256). The interpreter
+    splits by rows alone, so small tests combine several splits.
     """
     out_tiles = triton.cdiv(N, tiles.block_n) * triton.cdiv(K, tiles.block_k)
     by_programs = max(1, programs // out_tiles)
-    by_traffic = max(1, (M * (N + K) * size) // (64 * N * K)) if target is not None else by_programs
+    by_traffic = (max(1, (M * (N + K) * size) // (8 * partial_share * N * K)) if target is not None
+                  else by_programs)
     by_rows = max(1, triton.cdiv(M, tiles.block_m))
     splits = min(by_programs, by_traffic, by_rows)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), tiles.block_m) * tiles.block_m
     return triton.cdiv(M, rows_per_split) if M > 0 else 1, rows_per_split
 
+
+_TRITON_BEFORE_3_7 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
 
 # Programs of the one-pass backward: about two per SM of an A100 / H100; more would add
 # weight-gradient partials (each program's are the whole weight) for no more bandwidth.
@@ -575,7 +634,14 @@ def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, preci
     if target.backend != "cuda" or target.arch < 90 or (dtype == torch.float32 and precision == "ieee"):
         return None
     if torch.empty((), dtype=dtype).element_size() == 2:
-        return GemmTiles(64, block_n, block_k, 1, 8, 2)
+        # Triton 3.6 gives the 256-wide prologue case (layer1's conv3) 255 registers and 8
+        # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a).
+        stages = 1 if (prologue and block_n >= 256 and _TRITON_BEFORE_3_7) else 2
+        return GemmTiles(64, block_n, block_k, 1, 8, stages)
+    if _TRITON_BEFORE_3_7:
+        # TF32: Triton 3.6 lowers these 16- and 32-row dots to mma.sync, not wgmma (AOT,
+        # sm_90a): the two kernels instead, whose dots are wgmma there.
+        return None
     if prologue:
         return GemmTiles(16, block_n, block_k, 1, 16, 1)
     return GemmTiles(32, block_n, block_k, 1, 8, 2)
@@ -590,9 +656,16 @@ def wgrad_plan(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     """(tiles, num_splits, rows_per_split) of ``conv1x1_wgrad`` for C_out = N, C_in = K
     over M rows: output tile [BLOCK_N, BLOCK_K] = (C_out, C_in), reduction over M in
     BLOCK_M rows."""
-    t = gemm_tiles(N, K, M, dtype, target, precision, b_prologue=prologue)
-    tiles = GemmTiles(t.block_k, t.block_m, t.block_n, t.group_m, t.num_warps, t.num_stages)
-    return (tiles, *wgrad_splits(M, N, K, tiles, torch.empty((), dtype=dtype).element_size(), target))
+    size = torch.empty((), dtype=dtype).element_size()
+    # Whole tiles split over M where that fills the GPU (compute-bound layers 3-4 at batch
+    # 256), else the short grid's smaller tiles too (batch 32).
+    for fill in (False, True):
+        t = gemm_tiles(N, K, M, dtype, target, precision, b_prologue=prologue, fill=fill)
+        tiles = GemmTiles(t.block_k, t.block_m, t.block_n, t.group_m, t.num_warps, t.num_stages)
+        splits, rows_per_split = wgrad_splits(M, N, K, tiles, size, target)
+        if triton.cdiv(N, tiles.block_n) * triton.cdiv(K, tiles.block_k) * splits >= PLAN_PROGRAMS // 2:
+            break
+    return tiles, splits, rows_per_split
 
 
 def dgrad_wgrad_plan(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target, precision: str = "ieee",
@@ -810,9 +883,19 @@ def conv1x1_stats_finalize(
     running statistics as ``bn_stats`` does (its finalize kernel, the same semantics:
     unbiased running variance, momentum=None through num_batches_tracked)."""
     num_tiles, _, C = partials.shape
+    channel_blocks = triton.cdiv(C, STATS_MERGE_BLOCK_C)
+    levels = combining_levels(num_tiles, 2 * C * 4, channel_blocks)
+    for tiles_per_group in levels[:-1]:
+        groups = triton.cdiv(num_tiles, tiles_per_group)
+        merged = torch.empty((groups, 2, C), device=partials.device, dtype=torch.float32)
+        conv1x1_stats_merge_kernel[(channel_blocks, groups)](
+            partials, merged, C, num_tiles, M, tile_rows, tiles_per_group,
+            FINAL=False, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
+        partials, num_tiles, tile_rows = merged, groups, tile_rows * tiles_per_group
     merged = torch.empty((3, C), device=partials.device, dtype=torch.float32)
-    conv1x1_stats_merge_kernel[(triton.cdiv(C, STATS_MERGE_BLOCK_C),)](
-        partials, merged, C, num_tiles, M, tile_rows, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
+    conv1x1_stats_merge_kernel[(channel_blocks, 1)](
+        partials, merged, C, num_tiles, M, tile_rows, max(num_tiles, 1),
+        FINAL=True, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
     # The merged statistics are bn_stats finalize's single partial (see conv1x1_stats_merge_kernel).
     mean, invstd, _ = finalize_stats(merged, merged[2], 1, 1, C, M, running_mean, running_var,
                                      num_batches_tracked, momentum, eps)
@@ -863,7 +946,11 @@ def conv1x1_dgrad(
     tiles = gemm_tiles(geo.M, geo.C_in, geo.C_out, x.dtype, *_plan(x.dtype, allow_tf32, target),
                        heavy_epilogue=prologue is not None)
     # Here the GEMM's output columns are C_in (BLOCK_K) and its reduction C_out (BLOCK_N).
-    tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, tiles.num_warps, tiles.num_stages)
+    # Two reductions (second) on sm_80: eight warps (four: 168 registers and 8 bytes of
+    # spill under triton 3.6 at layer1's TF32 conv1 + downsample; eight: 104, none).
+    warps = 8 if (second is not None and target is not None and target.backend == "cuda" and target.arch == 80) \
+        else tiles.num_warps
+    tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, warps, tiles.num_stages)
     num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
     partials = (torch.empty((num_m_tiles, 3, geo.C_in), device=x.device, dtype=torch.float32)
                 if prologue is not None else None)
@@ -998,10 +1085,20 @@ def _summed_splits(w_partials: torch.Tensor, b_partials: Optional[torch.Tensor],
 
 
 def _split_sum(partials: torch.Tensor, out: torch.Tensor, splits: int, numel: int, target) -> None:
-    if numel > 0:
-        split_sum_kernel[(triton.cdiv(numel, SPLIT_SUM_BLOCK),)](
-            partials, out, numel, splits, INTERPRETER_BF16=_interpreter_bf16(out.dtype, target),
-            BLOCK=SPLIT_SUM_BLOCK)
+    """out[numel] = the sum of the ``splits`` rows of ``partials`` ([splits, numel] fp32) in
+    a fixed order: ``combining_levels`` of ``split_sum_kernel``, fp32 between levels."""
+    if numel == 0:
+        return
+    block = max(64, min(1024, 1 << max(numel // PLAN_PROGRAMS, 1).bit_length() - 1))
+    col_blocks = triton.cdiv(numel, block)
+    levels = combining_levels(splits, numel * 4, col_blocks)
+    for rows_per_group in levels:
+        groups = triton.cdiv(splits, rows_per_group)
+        dest = out if groups == 1 else torch.empty((groups, numel), device=partials.device, dtype=torch.float32)
+        split_sum_kernel[(col_blocks, groups)](
+            partials, dest, numel, splits, rows_per_group, INTERPRETER_BF16=_interpreter_bf16(dest.dtype, target),
+            BLOCK_R=max(1, SPLIT_SUM_TILE // block), BLOCK=block, num_warps=8)
+        partials, splits = dest, groups
 
 
 def conv1x1_prologue_backward(
@@ -1023,12 +1120,17 @@ def conv1x1_prologue_backward(
     dw = torch.empty_like(norm.weight) if (need_weight and norm.weight is not None) else None
     db = torch.empty_like(norm.bias) if (need_bias and norm.bias is not None) else None
     if C > 0:
+        if partials.shape[0] > 1:
+            # One partial row per GEMM row tile (thousands): summed by a combining pass that fills the GPU first.
+            total = torch.empty((1, 3, C), device=x.device, dtype=torch.float32)
+            _split_sum(partials, total, partials.shape[0], 3 * C, None)
+            partials = total
         bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
             partials, sums, norm.invstd, _or(dw, sums), _or(db, sums), norm.invstd, sums, sums,
             C, partials.shape[0],
             WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=False,
             R_WRITE_DW=False, R_WRITE_DB=False,
-            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+            BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C, num_warps=FINALIZE_WARPS,
         )
     if not need_input:
         return None, dw, db

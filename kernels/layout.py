@@ -18,9 +18,28 @@ import triton
 
 # Reductions are split into a fixed number of partial sums per channel that depends
 # only on the shape, so the combination order (and so every bit of the result) is the
-# same on every run and every GPU.
-TARGET_PROGRAMS = 1024
+# same on every run and every GPU. About 2.5 programs per SM of an H100 (132 SMs), each
+# with a REDUCTION_TILE-element tile in flight (16-32 KB a tensor: with 320 programs more
+# than the ~2.7 MB that 3.35 TB/s x ~0.8 us of DRAM latency needs), and few enough
+# partials that the finalize reads under 256 KB ([programs / channel blocks, 3, C] fp32
+# at 64 channels a block: 240 KB).
+TARGET_PROGRAMS = 320
+REDUCTION_TILE = 8192
+REDUCTION_WARPS = 16
+# Pixel blocks a span holds at most: short spans give enough rows for TARGET_PROGRAMS at batch 32.
+MAX_BLOCKS_PER_SPAN = 2
 ELEMENTWISE_BLOCK = 1024
+# Programs a combining pass aims for: two per SM of an H100 (132 SMs). A fixed number, not
+# the device's, so that the plan (and so every bit of the result) never depends on the GPU.
+PLAN_PROGRAMS = 264
+# Below this many bytes a pass is bound by its launch and one DRAM round trip, whatever its grid.
+SMALL_PASS_BYTES = 256 * 1024
+# The finalize kernels that add the partials of each channel in a fixed order: [BLOCK_P
+# partials, BLOCK_C channels] tiles, one program per BLOCK_C channels (16 at C = 64, 512
+# at C = 2048), a handful of dependent iterations over TARGET_PROGRAMS partials.
+FINALIZE_BLOCK_C = 4
+FINALIZE_BLOCK_P = 1024
+FINALIZE_WARPS = 8
 
 
 @dataclass(frozen=True)
@@ -109,28 +128,39 @@ class ReductionPlan:
     rows_per_program: int
     num_partials: int
     channel_blocks: int
+    num_warps: int
 
     @property
     def grid(self) -> tuple[int, int]:
         return (self.channel_blocks, self.num_partials)
 
 
-def reduction_plan(layout: Layout) -> ReductionPlan:
-    """Tile and partition for the per-channel reductions (statistics, backward sums)."""
+def reduction_plan(layout: Layout, sums: int = 3) -> ReductionPlan:
+    """Tile and partition for the per-channel reductions that write ``sums`` partial sums
+    per channel (statistics: 2, backward: 3): programs in inverse proportion, so that the
+    partials stay as small (TARGET_PROGRAMS is the backward's)."""
+    target_programs = max(1, TARGET_PROGRAMS * 3 // sums)
+    # The backward reads two to four tensors a tile, and holds three sums: half the tile, eight warps (16 spill).
+    tile, warps = (REDUCTION_TILE, REDUCTION_WARPS) if sums <= 2 else (REDUCTION_TILE // 2, REDUCTION_WARPS // 2)
     if layout.channels_last:
         # Channels are contiguous: a wide channel tile gives coalesced rows.
         block_c = min(triton.next_power_of_2(layout.C), 64)
-        block_hw = max(1024 // block_c, 1)
+        block_hw = min(max(tile // block_c, 1), triton.next_power_of_2(max(layout.HW, 1)))
     else:
-        # Pixels are contiguous: a long pixel tile for a couple of channels.
-        block_c = 2
-        block_hw = min(triton.next_power_of_2(max(layout.HW, 1)), 512)
-    blocks_per_span = max(min(triton.cdiv(layout.HW, block_hw), 8), 1)  # >= 1: an empty image has a span too
+        # Pixels are contiguous: a pixel tile as long as the plane (at most 1024), and as many
+        # channels as fill REDUCTION_TILE (7x7 planes: 64 channels of 64 pixels, not one element a thread).
+        block_hw = min(triton.next_power_of_2(max(layout.HW, 1)), 1024)
+        block_c = min(max(tile // block_hw, 1), triton.next_power_of_2(max(layout.C, 1)), 64)
+    channel_blocks = triton.cdiv(layout.C, block_c)
+    # Two pixel blocks a span where that leaves rows for TARGET_PROGRAMS programs, else one;
+    # >= 1: an empty image has a span too.
+    blocks_per_span = max(min(triton.cdiv(layout.HW, block_hw), MAX_BLOCKS_PER_SPAN), 1)
+    if layout.N * triton.cdiv(layout.HW, block_hw * blocks_per_span) * channel_blocks < target_programs:
+        blocks_per_span = 1
     span = block_hw * blocks_per_span
     spans_per_image = triton.cdiv(layout.HW, span)
     rows = layout.N * spans_per_image
-    channel_blocks = triton.cdiv(layout.C, block_c)
-    rows_per_program = max(1, triton.cdiv(rows * channel_blocks, TARGET_PROGRAMS))
+    rows_per_program = max(1, triton.cdiv(rows * channel_blocks, target_programs))
     num_partials = max(1, triton.cdiv(rows, rows_per_program))
     return ReductionPlan(
         block_c=block_c,
@@ -140,4 +170,5 @@ def reduction_plan(layout: Layout) -> ReductionPlan:
         rows_per_program=rows_per_program,
         num_partials=num_partials,
         channel_blocks=channel_blocks,
+        num_warps=warps,
     )

@@ -244,6 +244,8 @@ def cmd_audit(args) -> int:
     from .common import write_json
     from .traffic import interpreter_active
 
+    if args.launches:
+        return _audit_launches(args)
     if not interpreter_active():
         return run_in_interpreter(args.argv)
     if args.convolutions:
@@ -256,6 +258,27 @@ def cmd_audit(args) -> int:
         write_json(args.json, data)
         print(f"wrote {args.json}")
     return 0
+
+
+def _audit_launches(args) -> int:
+    """``audit --launches``: every Triton launch of a converted ResNet-50 step, projected on an H100 plan."""
+    from . import launch_audit
+    from .common import write_json
+    from .traffic import interpreter_active
+
+    if interpreter_active():
+        print("audit --launches records compiled launches: run it without TRITON_INTERPRET=1")
+        return 2
+    models = _flatten(args.model) or ["resnet50"]
+    audits = [launch_audit.audit_case(launch_audit.AuditCase(c.batch, c.dtype, c.fuse_convolutions, c.training,
+                                                             args.resolution, model))
+              for model in models for c in launch_audit.all_cases(args.launch_batches)]
+    print(launch_audit.format_launch_audit(audits))
+    if args.json:
+        write_json(args.json, {"fused_resnet_launch_audit": 1, "device": launch_audit.H100.name,
+                               "projection": True, "cases": [a.to_json() for a in audits]})
+        print(f"wrote {args.json}")
+    return 1 if any(a.problems() for a in audits) else 0
 
 
 def _audit_convolutions(args) -> int:
@@ -395,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--convolutions", action="store_true",
                        help="instead: the Bottleneck ResNets' stages (default resnet50) with the 1x1 convolutions "
                             "fused, convolutions included, at the --gpu's tile plan (about 7 minutes on 2 cores)")
+    audit.add_argument("--launches", action="store_true",
+                       help="instead: every Triton launch of a converted ResNet-50 training step and eval forward "
+                            "(bf16 channels_last and fp32 NCHW, fuse_convolutions on and off) recorded on meta "
+                            "tensors with the H100's plan, projected per launch and per stage beside eager "
+                            "(a projection; exit status 1 when a launch fails the check)")
+    audit.add_argument("--launch-batches", type=_list_of(_positive_int), default=[32, 256],
+                       help="batches of --launches (default 32,256)")
     audit.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     audit.set_defaults(func=cmd_audit)
 

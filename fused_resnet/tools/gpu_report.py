@@ -298,6 +298,11 @@ def summary_markdown(report: dict) -> str:
                   f"{m.get('peak_bandwidth_source', 'CPU: no peak, GB/s instead')}), range over the stages; in "
                   f"brackets eager's time / fused's time (median). Bytes: the design traffic (fused) and the "
                   f"audit's count of eager's sequence (eager); per stage in gpu.json.", ""]
+        if m.get("copy_bandwidth_bytes_per_s"):
+            lines += [f"Measured reference: a {m['copy_bandwidth_bytes'] / 2**20:.0f} MiB device copy moves "
+                      f"{m['copy_bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (read + write)"
+                      + (f", {m['copy_fraction_of_peak']:.0%} of the datasheet peak" if m.get("copy_fraction_of_peak")
+                         else "") + ": a fused kernel at that rate is at what the DRAM gives.", ""]
         lines += _table(*_kernel_table(report["kernels"]))
     if report.get("conv1x1"):
         lines += ["", f"## 1x1-convolution GEMMs vs cuDNN's sequence, batch {s['batch']}, channels_last", "",

@@ -82,6 +82,16 @@ def time_kernel(step: Callable[[], None], device: torch.device, warmup: int, ite
     return statistics.median(s.elapsed_time(e) / 1e3 for s, e in pairs)
 
 
+def measure_copy_bandwidth(device, nbytes: int, warmup: int = 3, iters: int = 20) -> float:
+    """Bytes per second a device-to-device copy of ``nbytes`` moves (read + write), timed
+    like every kernel here: what the DRAM really gives, the reference beside the datasheet."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.int32, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = time_kernel(lambda: dst.copy_(src), device, warmup, iters)
+    return 2 * src.nbytes / seconds
+
+
 @dataclass
 class KernelResult:
     """Achieved bandwidth of one fused op at one stage shape."""

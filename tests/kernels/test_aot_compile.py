@@ -183,6 +183,17 @@ def test_compiles_without_spills(shapes, pool, target_name, capsys):
     on_fma = [launch.describe() for launch, usage in results if _dot_wants_tensor_cores(launch)
               and not usage["tensor_core_instructions"]]
     assert not on_fma, f"dots without {target_name}'s tensor-core instructions:\n" + "\n".join(on_fma)
+    if target_name == "sm_90a":
+        # Hopper: every tensor-core dot on wgmma (an mma.sync there runs at a fraction of its peak).
+        not_wgmma = [launch.describe() for launch, usage in results if _dot_wants_tensor_cores(launch)
+                     and usage["wgmma_instructions"] < usage["tensor_core_instructions"]]
+        assert not not_wgmma, "dots on mma.sync, not wgmma, on sm_90a:\n" + "\n".join(not_wgmma)
+        # The launch audit's projection counts these loops as pipelined: the compiler must agree.
+        from fused_resnet.tools.launch_audit import H100, read_launch
+        claimed = [launch.describe() for launch, usage in results
+                   if read_launch(launch, "", H100).pipelined and not usage["pipelined"]]
+        assert not claimed, "the launch audit projects these as pipelined, the compiler did not:\n" + \
+            "\n".join(claimed)
 
 
 def _dot_wants_tensor_cores(launch) -> bool:
@@ -190,3 +201,31 @@ def _dot_wants_tensor_cores(launch) -> bool:
     if "INPUT_PRECISION" not in args:
         return False
     return args["INPUT_PRECISION"] == "tf32" or args["x_ptr"].dtype in (torch.bfloat16, torch.float16)
+
+
+def test_a_ragged_batch_compiles_nothing_new():
+    """Batches 31 and 32 (and 255, 256) of the same layer specialise the GEMMs and the
+    elementwise BatchNorm kernels alike: the integers that change with the batch (M, the row
+    count, a split's rows) are not specialised, so a ragged last batch or another eval batch
+    reuses the binaries; and the unspecialised GEMM and BatchNorm kernels still load 16 bytes
+    a thread on sm_90a (the masks they bound run across the vector dimension)."""
+    from fused_resnet.kernels.aot import (TARGETS, RealShapes, bn_add_relu_launches, compile_launch,
+                                          conv1x1_launches, specialization_key)
+
+    target = TARGETS["sm_90a"]
+    keyed = {"conv1x1_forward_kernel", "conv1x1_dgrad_kernel", "conv1x1_wgrad_kernel",
+             "conv1x1_dgrad_wgrad_kernel", "bn_add_relu_forward_kernel", "bn_add_relu_backward_dx_kernel"}
+
+    def keys(batch):
+        shapes = RealShapes(((256, 56, 56),), (batch,), (torch.bfloat16,), conv1x1=((64, 56, 56, 256, 1),))
+        launches = [launch for family in (conv1x1_launches, bn_add_relu_launches)
+                    for launch in family(shapes, False, target) if launch.name in keyed]
+        return launches, {specialization_key(launch, target) for launch in launches}
+
+    for small, large in ((31, 32), (255, 256)):
+        launches, small_keys = keys(small)
+        assert {launch.name for launch in launches} == keyed
+        assert small_keys == keys(large)[1], (small, large)
+    for name in ("conv1x1_forward_kernel", "bn_add_relu_forward_kernel"):
+        ptx = compile_launch(next(launch for launch in launches if launch.name == name), target).asm["ptx"]
+        assert "ld.global.v4" in ptx or ", 0x10" in ptx, f"{name}: no 16-byte loads"

@@ -56,7 +56,8 @@ def test_prologue_is_bitwise_the_materialised_activation(dtype):
 @runs_kernels
 def test_stats_merge_survives_a_large_mean():
     """Per-tile (mean, M2) of 1,000 rows at mean 1e4, std 1 in 63 tiles (two blocks of the
-    merge loop) merged to float64's mean and M2, where E[y^2] - E[y]^2 in fp32 loses it."""
+    merge loop; and in two levels) merged to float64's mean and M2, where E[y^2] - E[y]^2 in
+    fp32 loses it."""
     from fused_resnet.kernels.conv1x1_bn import conv1x1_stats_merge_kernel
 
     M, C, rows = 1000, 3, 16
@@ -65,11 +66,44 @@ def test_stats_merge_survives_a_large_mean():
     tiles = [y[i:i + rows] for i in range(0, M, rows)]
     partials = torch.stack([torch.stack([t.mean(0), ((t - t.mean(0)) ** 2).sum(0)]) for t in tiles]).float()
     merged = torch.empty(3, C, dtype=torch.float32, device=DEVICE)
-    conv1x1_stats_merge_kernel[(1,)](partials.to(DEVICE), merged, C, len(tiles), M, rows, BLOCK_P=32, BLOCK_C=64)
+    conv1x1_stats_merge_kernel[(1, 1)](partials.to(DEVICE), merged, C, len(tiles), M, rows, len(tiles),
+                                       FINAL=True, BLOCK_P=32, BLOCK_C=64)
+    # Two levels (groups of 8 tiles in 8 programs, then their 8 means and M2s) agree to rounding.
+    groups = torch.empty(8, 2, C, dtype=torch.float32, device=DEVICE)
+    conv1x1_stats_merge_kernel[(1, 8)](partials.to(DEVICE), groups, C, len(tiles), M, rows, 8,
+                                       FINAL=False, BLOCK_P=4, BLOCK_C=64)
+    two_level = torch.empty(3, C, dtype=torch.float32, device=DEVICE)
+    conv1x1_stats_merge_kernel[(1, 1)](groups, two_level, C, 8, M, rows * 8, 8, FINAL=True, BLOCK_P=32, BLOCK_C=64)
+    torch.testing.assert_close(two_level.cpu().double(), merged.cpu().double(), rtol=1e-4, atol=1e-7)
     merged = merged.cpu().double()
     assert torch.equal(merged[0], torch.zeros(C, dtype=torch.float64))
     torch.testing.assert_close(merged[2], y.mean(0), rtol=2e-7, atol=0)
     torch.testing.assert_close(merged[1], ((y - y.mean(0)) ** 2).sum(0), rtol=1e-4, atol=0)
+
+
+@runs_kernels
+def test_split_sum_levels_fill_the_gpu_and_add_in_a_fixed_order(monkeypatch):
+    """combining_levels groups the rows so that each level but the last runs about
+    PLAN_PROGRAMS programs and the last reads under SMALL_PASS_BYTES; a sum through three
+    levels or more (the constants shrunk to a small case) equals float64's to fp32 rounding, and
+    twice the same bits."""
+    from fused_resnet.kernels import conv1x1_bn
+
+    assert conv1x1_bn.combining_levels(12544, 3 * 64 * 4, 3) == [142, 89]
+    assert conv1x1_bn.combining_levels(100, 4096, 300) == [100]  # the column blocks alone fill it
+    monkeypatch.setattr(conv1x1_bn, "PLAN_PROGRAMS", 6)
+    monkeypatch.setattr(conv1x1_bn, "SMALL_PASS_BYTES", 200)
+    rows, numel = 37, 90
+    levels = conv1x1_bn.combining_levels(rows, numel * 4, 2)
+    assert len(levels) >= 3 and levels[-1] <= 2, levels
+    partials = torch.randn(rows, numel, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    sums = []
+    for _ in range(2):
+        out = torch.empty(numel, device=DEVICE)
+        conv1x1_bn._split_sum(partials, out, rows, numel, None)
+        sums.append(out.cpu())
+    assert torch.equal(sums[0], sums[1])
+    torch.testing.assert_close(sums[0].double(), partials.cpu().double().sum(0), rtol=1e-5, atol=1e-5)
 
 
 @runs_kernels
@@ -202,7 +236,8 @@ def test_one_pass_rule_is_deterministic_and_per_target():
 @runs_kernels
 def test_interpreter_plans_as_takes_the_targets_tiles():
     """Inside interpreter_plans_as(sm_90a), the interpreter's launches take sm_90a's tiles
-    (here 128-row output tiles instead of 16) and compute the same convolution."""
+    (here 64-row output tiles instead of 16: the short grid's, M = 128 fills no H100) and
+    compute the same convolution."""
     from fused_resnet.kernels.aot import TARGETS
     from fused_resnet.kernels.conv1x1_bn import conv1x1_forward, interpreter_plans_as
 
@@ -214,7 +249,7 @@ def test_interpreter_plans_as_takes_the_targets_tiles():
     y, _, rows = conv1x1_forward(x, w, None, 1, stats=True, allow_tf32=True)
     with interpreter_plans_as(TARGETS["sm_90a"]):
         y_planned, partials, planned_rows = conv1x1_forward(x, w, None, 1, stats=True, allow_tf32=True)
-    assert (rows, planned_rows, partials.shape[0]) == (16, 128, 1)
+    assert (rows, planned_rows, partials.shape[0]) == (16, 64, 2)
     torch.testing.assert_close(y_planned, y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.double(), torch.nn.functional.conv2d(x.double(), w.double()), rtol=1e-5, atol=1e-5)
 

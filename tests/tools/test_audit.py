@@ -132,13 +132,13 @@ def test_plan_choice_scales_when_no_plan_field_changes_traffic():
 
 
 def test_plan_choice_measures_with_the_real_shapes_plan_when_it_changes_traffic(monkeypatch):
-    # Pretend blocks_per_span changed traffic: 8 at 56x56, 1 at 4x4, 4 at 8x8, 8 again at 16x16.
-    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("blocks_per_span",), "elementwise": ()})
+    # Pretend the pixel tile changed traffic: 64 pixels at 56x56, 16 at 4x4, 64 again at 8x8.
+    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("block_hw",), "elementwise": ()})
     choice = audit.plan_choice("bn_relu", (256, 64, 56, 56))
-    assert choice.basis == "real_plan" and choice.measured_shape == (2, 64, 16, 16)
-    assert choice.measured_plans["reduction"]["blocks_per_span"] == choice.real_plans["reduction"]["blocks_per_span"]
-    # No shape within MAX_MATCHED_ELEMENTS gets 25 spans per image: the figure is flagged, not trusted.
-    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("spans_per_image",), "elementwise": ()})
+    assert choice.basis == "real_plan" and choice.measured_shape == (2, 64, 8, 8)
+    assert choice.measured_plans["reduction"]["block_hw"] == choice.real_plans["reduction"]["block_hw"]
+    # No shape within MAX_MATCHED_ELEMENTS at batch 2 gets 20 rows a program: the figure is flagged, not trusted.
+    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("rows_per_program",), "elementwise": ()})
     assert audit.plan_choice("bn_relu", (256, 64, 56, 56)).basis == "unmatched"
 
 

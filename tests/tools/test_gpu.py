@@ -158,6 +158,8 @@ def test_smoke_run_writes_every_file_and_figure(tmp_path):
     assert list(data["phases"]) == list(gpu.PHASES)
     assert {p["status"] for p in data["phases"].values()} <= {"ok", "cut"}
     assert {"cpu", "torch", "triton", "python"} <= set(data["machine"])
+    # The measured copy bandwidth, the reference beside the datasheet (a CPU figure here).
+    assert data["machine"]["copy_bandwidth_bytes_per_s"] > 0
     c = data["correctness"]
     assert c["pytest"]["passed"] is True and c["pytest"]["tests_passed"] > 0 and c["pytest"]["interpreter"]
     assert c["sync_debug"]["status"] == c["cuda_graph"]["status"] == "skipped"
@@ -195,3 +197,26 @@ def test_smoke_run_writes_every_file_and_figure(tmp_path):
     assert "## Verdict" in summary and "Smoke run" in summary and "| pytest | yes |" in summary
     assert (out / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Verdict" in printed  # the summary is printed at the end
+
+
+def test_warm_compile_covers_the_tails_and_the_gemms(monkeypatch):
+    """On a GPU the kernels phase first compiles, in parallel, every specialisation it will
+    launch (recorded on meta tensors); here with sm_90a's plan and the compile stubbed."""
+    import contextlib
+
+    from fused_resnet.kernels import aot, conv1x1_bn
+
+    compiled = []
+    monkeypatch.setattr(conv1x1_bn, "target_of", lambda device: aot.TARGETS["sm_90a"])
+    monkeypatch.setattr(aot, "compile_pool", contextlib.nullcontext)
+    monkeypatch.setattr(aot, "compile_all", lambda launches, target, pool: compiled.extend(launches))
+
+    class Run:
+        settings = gpu.gpu_settings(False, "cpu")
+        device = "cpu"
+
+    out = gpu.warm_kernel_cache(Run())
+    names = {launch.name for launch in compiled}
+    assert out["specialisations"] == len(compiled) > 100
+    assert {"bn_stats_partial_kernel", "bn_add_relu_backward_dx_kernel", "conv1x1_forward_kernel",
+            "conv1x1_wgrad_kernel"} <= names
