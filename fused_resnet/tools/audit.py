@@ -639,10 +639,11 @@ def weight_grad_partial_bytes(gemms: Sequence[dict], dtype: str, rows_scale: flo
     by ``split_sum_kernel``): as launched, or (``target``) with the splits the launchers
     plan there (``wgrad_plan`` / ``dgrad_wgrad_plan``, cuDNN's TF32 setting) for
     ``rows_scale`` times the rows."""
+    from fused_resnet.conv1x1_bn import allow_tf32
     from fused_resnet.kernels.conv1x1_bn import dgrad_wgrad_plan, input_precision, wgrad_plan
 
     torch_dtype = DTYPES[canonical_dtype(dtype)]
-    precision = input_precision(torch_dtype, torch.backends.cudnn.allow_tf32, target)
+    precision = input_precision(torch_dtype, allow_tf32(torch_dtype), target)
     total = 0
     for g in gemms:
         splits = g["splits"]
