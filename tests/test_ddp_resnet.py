@@ -3,7 +3,8 @@
 ``fused_resnet.convert`` then ``fused_resnet.convert_sync_batchnorm`` then
 ``DistributedDataParallel`` (before issue 20 DDP refused the model on CPU: the shortcuts'
 BatchNorms became ``nn.SyncBatchNorm``), against torchvision's model in float64 in one
-process on the concatenated batch. World 2 here; world 4 runs in the spawn of
+process on the concatenated batch. World 2 here; world 4 (one rank's local batch empty)
+runs in the spawn of
 ``test_sync_batchnorm.test_ddp_converted_models_process_groups_and_fallback`` (spawning
 costs seconds).
 """
@@ -22,7 +23,7 @@ from distributed_helpers import global_batch, local_rows, run_distributed
 from fused_resnet.nn.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from seed_blocks import randomize_batchnorms
 
-RESNET_SIZES = {2: [3, 1], 4: [2, 1, 3, 2]}  # uneven local batches, a single image
+RESNET_SIZES = {2: [3, 1], 4: [2, 1, 3, 0]}  # uneven local batches, a single image, an empty one
 
 
 def relative_error(actual, expected) -> float:
@@ -58,8 +59,10 @@ def resnet_ddp_worker(rank, world) -> Dict[str, float]:
     ddp.eval()
     full.eval()
     with torch.no_grad():
+        # Every rank calls DDP's forward, an empty one too: in eval it still broadcasts the buffers.
+        y = ddp(x_full[rows].float())
         if sizes[rank]:
-            errors["eval/y"] = relative_error(ddp(x_full[rows].float()), full(x_full[rows]))
+            errors["eval/y"] = relative_error(y, full(x_full[rows]))
     return errors
 
 

@@ -80,6 +80,19 @@ def test_frozen_bn_relu_module():
     assert all(b.grad is None for b in fused.buffers())
 
 
+def test_fused_frozen_batchnorm_shares_tensors_not_containers():
+    """Built as ``rebuilt_as`` builds the fused BatchNorm2d (one helper): the same buffer
+    tensors and hooks, in containers of its own, so later edits of one do not reach the other."""
+    bn = FrozenBatchNorm2d(SHAPE[1])
+    hook = bn.register_forward_hook(lambda *args: None)
+    fused = fused_frozen_batchnorm(bn, add=True)
+    assert all(fused._buffers[k] is v for k, v in bn._buffers.items())
+    assert list(fused._forward_hooks) == [hook.id] and fused._forward_hooks is not bn._forward_hooks
+    fused.register_buffer("extra", torch.zeros(1))
+    hook.remove()
+    assert "extra" not in bn._buffers and list(fused._forward_hooks) == [hook.id] and not bn._forward_hooks
+
+
 @pytest.mark.parametrize("shortcut_bn", [False, True], ids=["residual", "residual_bn"])
 def test_frozen_bn_add_relu_module(shortcut_bn):
     bn = _randomized(FrozenBatchNorm2d(SHAPE[1]), seed=0)

@@ -60,6 +60,50 @@ def test_script_is_the_eager_original_bitwise(name):
     assert any(isinstance(m, fused_resnet.BatchNormAddReLU2d) for m in converted.modules())
 
 
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class SEBlock(nn.Module):
+    """``relu(se(bn(conv(x))) + x)``: the add reads the SE's output, not a BatchNorm's, so
+    convert's torch.fx rewrite fuses a bare ``add_relu`` (as in timm's seresnext26d_32x4d)."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.se = SqueezeExcitation(channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.se(self.bn(self.conv(x))) + x)
+
+
+@pytest.mark.both
+def test_script_of_a_bare_add_relu_tail():
+    """Scripted, the fused ``add_relu`` is ``torch.relu(a + b)``: outputs bitwise the eager
+    converted model's; gradients bitwise the scripted original's (TorchScript's executor
+    differentiates the SE's ops itself after its profiling runs, in a different order than
+    eager autograd, for the unconverted model as well)."""
+    torch.manual_seed(0)
+    original = randomize_batchnorms(SEBlock())
+    converted = fused_resnet.convert(copy.deepcopy(original))
+    assert "fused_add_relu" in converted.code
+    scripted, scripted_original = torch.jit.script(copy.deepcopy(converted)), torch.jit.script(original)
+    x = torch.randn(2, 8, 5, 5)
+    for training in (True, False, True):
+        for m in (converted, scripted, scripted_original):
+            m.train(training)
+        result = forward_backward(scripted, x)
+        assert_results_match(result, forward_backward(scripted_original, x))
+        assert torch.equal(result["output"], forward_backward(converted, x)["output"])
+
+
 @pytest.mark.interpreter
 def test_script_on_the_triton_path_runs_the_eager_sequence():
     """Under the interpreter too the scripted block is the eager original, bitwise (the

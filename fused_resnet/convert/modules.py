@@ -25,7 +25,15 @@ _NOOP_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 def fused_add_relu(a, b):
     """``relu(a + b)``: one fused op (``fused_resnet.add_relu``) where the operands allow it
     (two floating-point tensors of one shape, dtype and device), else eager's add and ReLU
-    (broadcasting, type promotion), exactly as the original computed it."""
+    (broadcasting, type promotion), exactly as the original computed it. Scripted, the
+    eager sequence (TorchScript cannot compile the op's Python checks)."""
+    if torch.jit.is_scripting():
+        return torch.relu(a + b)
+    return _fused_add_relu_eager(a, b)
+
+
+@torch.jit.unused
+def _fused_add_relu_eager(a, b):
     if isinstance(a, Tensor) and a.is_floating_point() and residual_matches(b, a):
         return add_relu(a, b)
     return torch.relu(a + b)

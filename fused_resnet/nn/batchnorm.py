@@ -56,12 +56,17 @@ def rebuilt_as(cls: type, bn: nn.Module) -> nn.Module:
     buffer tensors, in containers of its own: later edits of one module do not reach the other."""
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    return module_rebuilt_as(cls, bn)
+
+
+def module_rebuilt_as(cls: type, module: nn.Module) -> nn.Module:
+    """:func:`rebuilt_as` for any module (the caller checks that ``cls`` can take its attributes)."""
     out = cls.__new__(cls)
-    out.__dict__.update(bn.__dict__)
+    out.__dict__.update(module.__dict__)
     for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
                  "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-        if name in bn.__dict__:
-            out.__dict__[name] = type(bn.__dict__[name])(bn.__dict__[name])
+        if name in module.__dict__:
+            out.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])
     return out
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import backend
 from ..bn_add_relu import bn_add_bn_relu, bn_add_relu, bn_relu
-from .batchnorm import residual_matches
+from .batchnorm import module_rebuilt_as, residual_matches
 from .matching import runs_its_class_forward
 
 __all__ = ["computes_frozen_affine", "frozen_affine", "fused_frozen_batchnorm", "is_frozen_batchnorm"]
@@ -88,19 +88,10 @@ def _eval_arguments(module: nn.Module, prefix: str = "") -> dict:
 
 
 class _FusedFrozen:
-    """What the fused frozen BatchNorms share: built from an existing module, sharing its buffers."""
+    """What the fused frozen BatchNorms share (built from an existing module by
+    :func:`fused_frozen_batchnorm`, sharing its buffers)."""
 
     applies_relu = True
-
-    @classmethod
-    def from_frozen(cls, module: nn.Module) -> nn.Module:
-        out = cls.__new__(cls)
-        out.__dict__.update(module.__dict__)
-        for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
-                     "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            if name in module.__dict__:
-                out.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])
-        return out
 
 
 class _FrozenReLU(_FusedFrozen):
@@ -147,7 +138,7 @@ def fused_frozen_batchnorm(module: nn.Module, add: bool = False) -> nn.Module:
     if base is None:
         raise TypeError(f"module must be a torchvision FrozenBatchNorm2d or timm FrozenBatchNormAct2d, "
                         f"got {type(module).__name__}")
-    return _fused_class(base, add).from_frozen(module)
+    return module_rebuilt_as(_fused_class(base, add), module)
 
 
 def __getattr__(name: str) -> type:
