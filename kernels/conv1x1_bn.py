@@ -618,11 +618,10 @@ def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, preci
     (each) <= 256, at most DGRAD_WGRAD_MAX_ACCUMULATORS in all (ResNet-50's layer1: conv3
     64 -> 256; conv1 64 -> 64 with its downsample 64 -> 256). block_n is N's block
     (N2's: ``dgrad_wgrad_block_n2``). Only on NVIDIA sm_90 and newer, with tensor cores
-    (not fp32 without TF32): ptxas spills these programs on sm_80 (up to 352 bytes) and
-    they spill and overflow the 64 KiB of LDS on gfx942 (AOT-compiled at ResNet-50's
-    shapes). Rows: 64 a block for 16-bit inputs on eight warps, two stages; fp32 (TF32) 32
-    rows, and 16 rows on sixteen warps, one stage, with a prologue (the only fp32 setting
-    without a spill next to a whole-row dY tile).
+    and 16-bit inputs: ptxas spills these programs on sm_80 (up to 352 bytes) and they
+    spill and overflow the 64 KiB of LDS on gfx942, and fp32 (TF32) tiles small enough not
+    to spill compile to mma.sync (AOT-compiled at ResNet-50's shapes). Rows: 64 a block on
+    eight warps, two stages.
     """
     if K > 64 or N > 256 or N2 > 256:
         return None
@@ -631,20 +630,15 @@ def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, preci
         return None
     if target is None:
         return GemmTiles(INTERPRETER_TILES.block_m, block_n, block_k, 1, 1, 1)
-    if target.backend != "cuda" or target.arch < 90 or (dtype == torch.float32 and precision == "ieee"):
+    if target.backend != "cuda" or target.arch < 90 or dtype == torch.float32:
+        # fp32: without TF32 no tensor cores; with TF32 the 16- and 32-row tiles that fit
+        # beside a whole-row dY tile lower to mma.sync, not wgmma, on Triton 3.6 and 3.8
+        # alike (AOT, sm_90a): the two kernels instead, whose dots are wgmma.
         return None
-    if torch.empty((), dtype=dtype).element_size() == 2:
-        # Triton 3.6 gives the 256-wide prologue case (layer1's conv3) 255 registers and 8
-        # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a).
-        stages = 1 if (prologue and block_n >= 256 and _TRITON_BEFORE_3_7) else 2
-        return GemmTiles(64, block_n, block_k, 1, 8, stages)
-    if _TRITON_BEFORE_3_7:
-        # TF32: Triton 3.6 lowers these 16- and 32-row dots to mma.sync, not wgmma (AOT,
-        # sm_90a): the two kernels instead, whose dots are wgmma there.
-        return None
-    if prologue:
-        return GemmTiles(16, block_n, block_k, 1, 16, 1)
-    return GemmTiles(32, block_n, block_k, 1, 8, 2)
+    # Triton 3.6 gives the 256-wide prologue case (layer1's conv3) 255 registers and 8
+    # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a).
+    stages = 1 if (prologue and block_n >= 256 and _TRITON_BEFORE_3_7) else 2
+    return GemmTiles(64, block_n, block_k, 1, 8, stages)
 
 
 def dgrad_wgrad_block_n2(N2: int) -> int:
