@@ -63,9 +63,9 @@ def use_triton(t: torch.Tensor) -> bool:
     # the ONNX exporter runs, is plain Python and sees the flag.
     if not torch.compiler.is_dynamo_compiling() and standard_ops_wanted():
         return False
-    if t.device.type == "cuda":
+    if t.is_cuda:  # ROCm tensors too
         return True
-    if INTERPRET and t.device.type == "cpu":
+    if INTERPRET and t.is_cpu:
         # Checked in eager calls only: Dynamo cannot trace the version comparison (a str subclass).
         problem = None if torch.compiler.is_compiling() else interpreter_incompatibility()
         if problem:
@@ -121,7 +121,7 @@ def call_op(op: Callable, implementation: Callable, args: tuple, mutated: tuple 
     if not eager_call(args[0]):
         return op(*args)
     out = implementation(*args)
-    for t in mutated:
-        if t is not None and not t.is_inference():
-            torch.autograd.graph.increment_version(t)
+    if mutated:
+        # One call for all of them (inference tensors have no counter: left alone).
+        torch.autograd.graph.increment_version([t for t in mutated if t is not None])
     return out

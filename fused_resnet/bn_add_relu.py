@@ -42,11 +42,6 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _no_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    # Eval uses the running statistics: the op's mean / invstd outputs are empty.
-    return x.new_empty(_EMPTY, dtype=stats_dtype(x)), x.new_empty(_EMPTY, dtype=stats_dtype(x))
-
-
 def count_empty_batch(training: bool, running_mean: Optional[Tensor], num_batches_tracked: Optional[Tensor]) -> None:
     """nn.BatchNorm2d on an empty batch: the running statistics stay as they are, the batch
     is still counted (num_batches_tracked + 1 in training)."""
@@ -55,9 +50,9 @@ def count_empty_batch(training: bool, running_mean: Optional[Tensor], num_batche
 
 
 def empty_batch_stats(x: Tensor, batch: bool) -> tuple[Tensor, Tensor]:
-    """(mean, invstd) of an empty batch: zeros per channel (nothing reads them), or empty in eval."""
+    """(mean, invstd) of an empty batch: zeros per channel (nothing reads them), or None in eval."""
     if not batch:
-        return _no_stats(x)
+        return None, None
     zeros = x.new_zeros((x.shape[1],), dtype=stats_dtype(x))
     return zeros, zeros.clone()
 
@@ -92,21 +87,80 @@ def _momentum_factor(training, running_mean, num_batches_tracked, momentum) -> f
 
 
 def _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum, eps):
-    """ATen's batch_norm on the CPU path: returns (out, save_mean, save_invstd)."""
+    """ATen's batch_norm on the CPU path: returns (out, save_mean, save_invstd), the statistics None in eval."""
     momentum = _momentum_factor(training, running_mean, num_batches_tracked, momentum)
     out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps)
     if not training:
-        return (out, *_no_stats(x))
+        return out, None, None
     return out, mean.to(stats_dtype(x)), invstd.to(stats_dtype(x))
 
 
 def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked, weight, bias,
                         training, momentum, eps):
-    """(ChannelNorm, from_var, mean_out, invstd_out) for one BatchNorm on the Triton path."""
+    """(ChannelNorm, from_var, mean_out, invstd_out) for one BatchNorm on the Triton path; the
+    statistics outputs are None in eval."""
     if training:
         mean, invstd = bn_stats(x, layout, running_mean, running_var, num_batches_tracked, momentum, eps)
         return ChannelNorm(mean, invstd, weight, bias), False, mean, invstd
-    return (ChannelNorm(running_mean, running_var, weight, bias), True, *_no_stats(x))
+    return ChannelNorm(running_mean, running_var, weight, bias), True, None, None
+
+
+def bn_add_relu_forward_y_and_stats(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight,
+                                    bias, training, momentum, eps, residual_mode, residual, r_running_mean,
+                                    r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var, r_weight, r_bias,
+                                    r_training, r_momentum, r_eps) -> tuple:
+    """The forward op's work, its arguments in the op's order: (y, mean, invstd, r_mean, r_invstd),
+    a statistic None where the op returns an empty tensor (an eval call allocates nothing
+    it does not return; the op's own implementation fills them in)."""
+    is_bn = residual_mode == RESIDUAL_BN
+    if not training:
+        running_mean, running_var = eval_mean, eval_var
+    if not r_training:
+        r_running_mean, r_running_var = r_eval_mean, r_eval_var
+    # Both branches compute on a dense x, so y has the layout the fake claims.
+    x = _dense(x)
+    if not backend.use_triton(x):
+        y, mean, invstd = _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias,
+                                        training, momentum, eps)
+        r_mean = r_invstd = None
+        if is_bn:
+            r_y, r_mean, r_invstd = _bn_composite(residual, r_running_mean, r_running_var, r_num_batches_tracked,
+                                                  r_weight, r_bias, r_training, r_momentum, r_eps)
+            y.add_(r_y)
+        elif residual_mode == RESIDUAL_ADD:
+            y.add_(residual)
+        return y.relu_(), mean, invstd, r_mean, r_invstd
+
+    if x.numel() == 0:
+        # An empty batch launches nothing (the statistics kernel would read x[0]).
+        count_empty_batch(training, running_mean, num_batches_tracked)
+        mean, invstd = empty_batch_stats(x, training)
+        r_mean = r_invstd = None
+        if is_bn:
+            count_empty_batch(r_training, r_running_mean, r_num_batches_tracked)
+            r_mean, r_invstd = empty_batch_stats(x, r_training)
+        return torch.empty_like(x), mean, invstd, r_mean, r_invstd
+    layout = layout_of(x)
+    norm, from_var, mean, invstd = _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked,
+                                                       weight, bias, training, momentum, eps)
+    r_norm, r_from_var, r_mean, r_invstd = None, False, None, None
+    if residual is not None:
+        residual = as_layout(residual, layout)
+    if is_bn:
+        r_norm, r_from_var, r_mean, r_invstd = _batch_stats_triton(
+            residual, layout, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
+            r_training, r_momentum, r_eps)
+    y = bn_add_relu_forward(x, layout, norm, eps, from_var, residual=residual, residual_norm=r_norm,
+                            r_eps=r_eps, r_from_var=r_from_var)
+    return y, mean, invstd, r_mean, r_invstd
+
+
+def _with_empty_tensors(x: Tensor, outputs: tuple, dtype: Optional[torch.dtype] = None) -> tuple:
+    """An op's outputs: an empty tensor (custom ops cannot return None) for each None."""
+    if None not in outputs:
+        return outputs
+    empty = x.new_empty(_EMPTY, dtype=dtype)
+    return tuple(empty.clone() if t is None else t for t in outputs)
 
 
 @backend.launches_on_input_device
@@ -140,48 +194,10 @@ def bn_add_relu_forward_implementation(
     A BatchNorm's running statistics come in the mutated ``running_*`` slots in training
     (updated in place) and in the read-only ``eval_*`` slots in eval (see ``stat_slots``).
     """
-    is_bn = residual_mode == RESIDUAL_BN
-    if not training:
-        running_mean, running_var = eval_mean, eval_var
-    if not r_training:
-        r_running_mean, r_running_var = r_eval_mean, r_eval_var
-    # Both branches compute on a dense x, so y has the layout the fake claims.
-    x = _dense(x)
-    if not backend.use_triton(x):
-        y, mean, invstd = _bn_composite(x, running_mean, running_var, num_batches_tracked, weight, bias,
-                                        training, momentum, eps)
-        r_mean, r_invstd = _no_stats(x)
-        if is_bn:
-            r_y, r_mean, r_invstd = _bn_composite(residual, r_running_mean, r_running_var, r_num_batches_tracked,
-                                                  r_weight, r_bias, r_training, r_momentum, r_eps)
-            y.add_(r_y)
-        elif residual_mode == RESIDUAL_ADD:
-            y.add_(residual)
-        return y.relu_(), mean, invstd, r_mean, r_invstd
-
-    if x.numel() == 0:
-        # An empty batch launches nothing (the statistics kernel would read x[0]).
-        count_empty_batch(training, running_mean, num_batches_tracked)
-        mean, invstd = empty_batch_stats(x, training)
-        r_mean, r_invstd = _no_stats(x)
-        if is_bn:
-            count_empty_batch(r_training, r_running_mean, r_num_batches_tracked)
-            r_mean, r_invstd = empty_batch_stats(x, r_training)
-        return torch.empty_like(x), mean, invstd, r_mean, r_invstd
-    layout = layout_of(x)
-    norm, from_var, mean, invstd = _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracked,
-                                                       weight, bias, training, momentum, eps)
-    r_norm, r_from_var = None, False
-    r_mean, r_invstd = _no_stats(x)
-    if residual is not None:
-        residual = as_layout(residual, layout)
-    if is_bn:
-        r_norm, r_from_var, r_mean, r_invstd = _batch_stats_triton(
-            residual, layout, r_running_mean, r_running_var, r_num_batches_tracked, r_weight, r_bias,
-            r_training, r_momentum, r_eps)
-    y = bn_add_relu_forward(x, layout, norm, eps, from_var, residual=residual, residual_norm=r_norm,
-                            r_eps=r_eps, r_from_var=r_from_var)
-    return y, mean, invstd, r_mean, r_invstd
+    return _with_empty_tensors(x, bn_add_relu_forward_y_and_stats(
+        x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight, bias, training, momentum,
+        eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var,
+        r_weight, r_bias, r_training, r_momentum, r_eps))
 
 
 bn_add_relu_forward_op = torch.library.custom_op(
@@ -233,42 +249,18 @@ def _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd
         training, eps, [True, True, True])
 
 
-def _grad_or_empty(grad: Optional[Tensor], param: Optional[Tensor], need: bool, x: Tensor) -> Tensor:
-    # Custom ops cannot return None: an empty tensor stands for "no gradient".
+def _grad_or_none(grad: Optional[Tensor], param: Optional[Tensor], need: bool) -> Optional[Tensor]:
+    """A parameter's gradient in its dtype, or None where it has none."""
     if param is None or not need:
-        return x.new_empty(_EMPTY)
-    return grad.to(param.dtype)
+        return None
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
-@backend.launches_on_input_device
-def bn_add_relu_backward_implementation(
-    dy: Tensor,
-    y: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    eps: float,
-    residual_mode: int,
-    residual: Optional[Tensor],
-    r_mean: Tensor,
-    r_invstd: Tensor,
-    r_running_mean: Optional[Tensor],
-    r_running_var: Optional[Tensor],
-    r_weight: Optional[Tensor],
-    r_bias: Optional[Tensor],
-    r_training: bool,
-    r_eps: float,
-    output_mask: List[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias); empty = none.
-
-    ``output_mask`` = [weight, bias, r_weight, r_bias] need a gradient.
-    """
+def bn_add_relu_backward_grads(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
+                               residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight,
+                               r_bias, r_training, r_eps, output_mask) -> tuple:
+    """The backward op's work, its arguments in the op's order: (dx, d_residual, d_weight,
+    d_bias, d_r_weight, d_r_bias), None where the op returns an empty tensor (no gradient)."""
     need_w, need_b, need_rw, need_rb = output_mask
     is_bn = residual_mode == RESIDUAL_BN
     # Both branches compute in a dense x's layout, so the gradients have the layout the fake claims.
@@ -303,10 +295,42 @@ def bn_add_relu_backward_implementation(
         dx, d_res, dw, db, r_dw, r_db = bn_add_relu_backward(
             dy, y, x, layout, norm, training, residual_mode, any(output_mask),
             residual=residual, residual_norm=r_norm, r_training=r_training)
-    if d_res is None:
-        d_res = x.new_empty(_EMPTY)
-    return (dx, d_res, _grad_or_empty(dw, weight, need_w, x), _grad_or_empty(db, bias, need_b, x),
-            _grad_or_empty(r_dw, r_weight, need_rw and is_bn, x), _grad_or_empty(r_db, r_bias, need_rb and is_bn, x))
+    return (dx, d_res, _grad_or_none(dw, weight, need_w), _grad_or_none(db, bias, need_b),
+            _grad_or_none(r_dw, r_weight, need_rw and is_bn), _grad_or_none(r_db, r_bias, need_rb and is_bn))
+
+
+@backend.launches_on_input_device
+def bn_add_relu_backward_implementation(
+    dy: Tensor,
+    y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    eps: float,
+    residual_mode: int,
+    residual: Optional[Tensor],
+    r_mean: Tensor,
+    r_invstd: Tensor,
+    r_running_mean: Optional[Tensor],
+    r_running_var: Optional[Tensor],
+    r_weight: Optional[Tensor],
+    r_bias: Optional[Tensor],
+    r_training: bool,
+    r_eps: float,
+    output_mask: List[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias); empty = none.
+
+    ``output_mask`` = [weight, bias, r_weight, r_bias] need a gradient.
+    """
+    return _with_empty_tensors(x, bn_add_relu_backward_grads(
+        dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps, residual_mode, residual,
+        r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps, output_mask))
 
 
 bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward",
@@ -342,14 +366,20 @@ def stat_slots(training: bool, running_mean, running_var, num_batches_tracked) -
     return None, None, None, running_mean, running_var
 
 
+# What an eager call runs instead of the ops (None, not an empty tensor, where an output is absent).
+_forward_y_and_stats_on_device = backend.launches_on_input_device(bn_add_relu_forward_y_and_stats)
+backward_grads_on_device = backend.launches_on_input_device(bn_add_relu_backward_grads)
+
+
 def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum,
                              eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked,
                              r_weight, r_bias, r_training, r_momentum, r_eps) -> tuple:
-    """The forward op (its implementation directly in an eager call, ``backend.call_op``)."""
+    """The forward op (its implementation directly in an eager call, ``backend.call_op``, where
+    a statistic the op would return empty is None)."""
     slots = stat_slots(training, running_mean, running_var, num_batches_tracked)
     r_slots = stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked)
     return backend.call_op(
-        torch.ops.fused_resnet.bn_add_relu_forward, bn_add_relu_forward_implementation,
+        torch.ops.fused_resnet.bn_add_relu_forward, _forward_y_and_stats_on_device,
         (x, *slots, weight, bias, training, momentum, eps, residual_mode, residual, *r_slots, r_weight, r_bias,
          r_training, r_momentum, r_eps),
         mutated=slots[:3] + r_slots[:3])
@@ -386,8 +416,12 @@ class BnAddReLUFunction(torch.autograd.Function):
         training, eps, residual_mode, r_training, r_eps = ctx.config
         needs = ctx.needs_input_grad
         output_mask = [needs[1], needs[2], needs[4], needs[5]]
+        if not backend.eager_call(dy):
+            # The forward ran eagerly (statistics None) and the backward through the op (a
+            # dispatch mode entered in between): the op's schema wants tensors.
+            mean, invstd, r_mean, r_invstd = _with_empty_tensors(x, (mean, invstd, r_mean, r_invstd), stats_dtype(x))
         dx, d_res, dw, db, r_dw, r_db = backend.call_op(
-            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
+            torch.ops.fused_resnet.bn_add_relu_backward, backward_grads_on_device,
             (dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
              residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
              r_training, r_eps, output_mask))

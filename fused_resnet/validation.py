@@ -16,7 +16,7 @@ def check_activation(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"expected 4D {name} (got {t.dim()}D input)")
-    if not t.is_floating_point():
+    if not t.dtype.is_floating_point:
         # What ATen raises for batch_norm on an integer or bool tensor.
         raise NotImplementedError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
@@ -63,12 +63,14 @@ def check_batch_norm_args(
     """The checks ``torch.nn.functional.batch_norm`` makes, with the argument named."""
     check_activation(prefix + "input", x)
     C, device = x.shape[1], x.device
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        # The common case (a 1-D fp32 tensor of C values on x's device) in as few attribute reads as possible.
+    for t in (running_mean, running_var, weight, bias):
+        # The common case (a 1-D floating tensor of C values on x's device) in few attribute reads:
+        # this runs on every op call, on the host, before the GPU gets its launches.
         if t is not None and not (isinstance(t, torch.Tensor) and t.shape == (C,) and t.device == device
-                                  and t.is_floating_point()):
-            check_channel_param(prefix + name, t, x)
+                                  and t.dtype.is_floating_point):
+            for name, p in (("running_mean", running_mean), ("running_var", running_var),
+                            ("weight", weight), ("bias", bias)):
+                check_channel_param(prefix + name, p, x)
     if (running_mean is None) != (running_var is None):
         raise RuntimeError(f"{prefix}running_mean and {prefix}running_var must both be given or both be None")
     if not training and running_mean is None:

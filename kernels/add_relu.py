@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import ELEMENTWISE_BLOCK
+from .layout import ELEMENTWISE_BLOCK, cdiv
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def add_relu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(a + b); a and b dense in the same layout and of the same dtype."""
     y = torch.empty_like(a)
     if y.numel():
-        add_relu_forward_kernel[(triton.cdiv(y.numel(), ELEMENTWISE_BLOCK),)](a, b, y, y.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        add_relu_forward_kernel[(cdiv(y.numel(), ELEMENTWISE_BLOCK),)](a, b, y, y.numel(), BLOCK=ELEMENTWISE_BLOCK)
     return y
 
 
@@ -46,5 +46,5 @@ def add_relu_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gradient of both inputs; dy and y dense in the same layout."""
     g = torch.empty_like(y)
     if g.numel():
-        add_relu_backward_kernel[(triton.cdiv(g.numel(), ELEMENTWISE_BLOCK),)](dy, y, g, g.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        add_relu_backward_kernel[(cdiv(g.numel(), ELEMENTWISE_BLOCK),)](dy, y, g, g.numel(), BLOCK=ELEMENTWISE_BLOCK)
     return g

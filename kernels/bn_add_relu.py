@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .bn_stats import row_tile_offsets
-from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, Layout, elementwise_plan, reduction_plan
+from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, Layout, cdiv, elementwise_plan, reduction_plan
 
 # What is added before the final ReLU.
 RESIDUAL_NONE = 0
@@ -404,7 +404,7 @@ def bn_add_relu_backward_sums(
         R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
         BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
-    bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+    bn_add_relu_backward_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
         partials, sums, norm.invstd, _or(dw, sums), _or(db, sums),
         rn.invstd, _or(r_dw, sums), _or(r_db, sums),
         C, plan.num_partials,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, Layout, reduction_plan
+from .layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, Layout, cdiv, reduction_plan
 
 
 @triton.jit
@@ -148,7 +148,7 @@ def bn_stats(
     ``return_var`` also returns the biased batch variance (for merging statistics
     across processes): ``(mean, invstd, var)``.
     """
-    plan = reduction_plan(layout, sums=2)
+    plan = reduction_plan(layout, 2)
     stride_n, stride_c, stride_hw = layout.strides
     partials = torch.empty((plan.num_partials, 2, layout.C), device=x.device, dtype=torch.float32)
     bn_stats_partial_kernel[plan.grid](
@@ -189,7 +189,7 @@ def finalize_stats(
     if counts and cumulative:
         # The factor 1 / num_batches_tracked needs the new count in every program.
         num_batches_tracked.add_(1)
-    bn_stats_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+    bn_stats_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
         partials, shift, mean, invstd, var,
         running_mean if update else mean, running_var if update else invstd,
         num_batches_tracked if counts else mean,

@@ -11,10 +11,11 @@ division to find its channel.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import triton
 
 # Reductions are split into a fixed number of partial sums per channel that depends
 # only on the shape, so the combination order (and so every bit of the result) is the
@@ -42,9 +43,23 @@ FINALIZE_BLOCK_P = 1024
 FINALIZE_WARPS = 8
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How a dense 4-D tensor is laid out in memory."""
+# Plans are pure functions of a layout, cached: a network has a few dozen distinct shapes,
+# and computing a plan costs more host time than launching its kernel.
+PLAN_CACHE_SIZE = 1024
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (``triton.cdiv`` is a constexpr function: microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (1 for n <= 1), for host integers."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+class Layout(NamedTuple):
+    """How a dense 4-D tensor is laid out in memory (a named tuple: built on every op call)."""
 
     N: int
     C: int
@@ -75,9 +90,9 @@ def layout_of(x: torch.Tensor) -> Layout:
     """
     N, C, H, W = x.shape
     if x.is_contiguous():
-        return Layout(N, C, H * W, channels_last=False)
+        return Layout(N, C, H * W, False)
     if x.is_contiguous(memory_format=torch.channels_last):
-        return Layout(N, C, H * W, channels_last=True)
+        return Layout(N, C, H * W, True)
     raise ValueError("kernels need a dense NCHW or channels_last tensor")
 
 
@@ -96,19 +111,20 @@ class ElementwisePlan:
     block_rows: int
     block_cols: int
 
-    @property
+    @functools.cached_property  # plans are cached: computed once
     def grid(self) -> tuple[int, int]:
-        return (triton.cdiv(self.num_rows, self.block_rows), triton.cdiv(self.row_len, self.block_cols))
+        return (cdiv(self.num_rows, self.block_rows), cdiv(self.row_len, self.block_cols))
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def elementwise_plan(layout: Layout) -> ElementwisePlan:
     """Tiles of about ELEMENTWISE_BLOCK elements, as wide as a row allows."""
     if layout.channels_last:
         num_rows, row_len = layout.N * layout.HW, layout.C
     else:
         num_rows, row_len = layout.N * layout.C, layout.HW
-    block_cols = min(triton.next_power_of_2(max(row_len, 1)), ELEMENTWISE_BLOCK)
-    block_rows = min(max(ELEMENTWISE_BLOCK // block_cols, 1), triton.next_power_of_2(max(num_rows, 1)))
+    block_cols = min(next_power_of_2(row_len), ELEMENTWISE_BLOCK)
+    block_rows = min(max(ELEMENTWISE_BLOCK // block_cols, 1), next_power_of_2(num_rows))
     return ElementwisePlan(num_rows, row_len, layout.channels_last, block_rows, block_cols)
 
 
@@ -135,6 +151,7 @@ class ReductionPlan:
         return (self.channel_blocks, self.num_partials)
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def reduction_plan(layout: Layout, sums: int = 3) -> ReductionPlan:
     """Tile and partition for the per-channel reductions that write ``sums`` partial sums
     per channel (statistics: 2, backward: 3): programs in inverse proportion, so that the
@@ -144,24 +161,24 @@ def reduction_plan(layout: Layout, sums: int = 3) -> ReductionPlan:
     tile, warps = (REDUCTION_TILE, REDUCTION_WARPS) if sums <= 2 else (REDUCTION_TILE // 2, REDUCTION_WARPS // 2)
     if layout.channels_last:
         # Channels are contiguous: a wide channel tile gives coalesced rows.
-        block_c = min(triton.next_power_of_2(layout.C), 64)
-        block_hw = min(max(tile // block_c, 1), triton.next_power_of_2(max(layout.HW, 1)))
+        block_c = min(next_power_of_2(layout.C), 64)
+        block_hw = min(max(tile // block_c, 1), next_power_of_2(layout.HW))
     else:
         # Pixels are contiguous: a pixel tile as long as the plane (at most 1024), and as many
         # channels as fill REDUCTION_TILE (7x7 planes: 64 channels of 64 pixels, not one element a thread).
-        block_hw = min(triton.next_power_of_2(max(layout.HW, 1)), 1024)
-        block_c = min(max(tile // block_hw, 1), triton.next_power_of_2(max(layout.C, 1)), 64)
-    channel_blocks = triton.cdiv(layout.C, block_c)
+        block_hw = min(next_power_of_2(layout.HW), 1024)
+        block_c = min(max(tile // block_hw, 1), next_power_of_2(layout.C), 64)
+    channel_blocks = cdiv(layout.C, block_c)
     # Two pixel blocks a span where that leaves rows for TARGET_PROGRAMS programs, else one;
     # >= 1: an empty image has a span too.
-    blocks_per_span = max(min(triton.cdiv(layout.HW, block_hw), MAX_BLOCKS_PER_SPAN), 1)
-    if layout.N * triton.cdiv(layout.HW, block_hw * blocks_per_span) * channel_blocks < target_programs:
+    blocks_per_span = max(min(cdiv(layout.HW, block_hw), MAX_BLOCKS_PER_SPAN), 1)
+    if layout.N * cdiv(layout.HW, block_hw * blocks_per_span) * channel_blocks < target_programs:
         blocks_per_span = 1
     span = block_hw * blocks_per_span
-    spans_per_image = triton.cdiv(layout.HW, span)
+    spans_per_image = cdiv(layout.HW, span)
     rows = layout.N * spans_per_image
-    rows_per_program = max(1, triton.cdiv(rows * channel_blocks, target_programs))
-    num_partials = max(1, triton.cdiv(rows, rows_per_program))
+    rows_per_program = max(1, cdiv(rows * channel_blocks, target_programs))
+    num_partials = max(1, cdiv(rows, rows_per_program))
     return ReductionPlan(
         block_c=block_c,
         block_hw=block_hw,
