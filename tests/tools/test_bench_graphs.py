@@ -33,6 +33,11 @@ def test_graph_variants_are_skipped_without_cuda():
     assert data["speedup_fused_over_eager_graphed"] is None
 
 
+def test_every_variant_has_a_chart_colour_and_a_graph_variant_a_plain_base():
+    assert set(bench.VARIANT_COLORS) == set(bench.ALL_VARIANTS)
+    assert set(bench.GRAPH_VARIANTS.values()) <= set(bench.PLAIN_VARIANTS)
+
+
 class FakeGraph:
     """Replays the captured step by calling it: the orchestration without a GPU."""
 
