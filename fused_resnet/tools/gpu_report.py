@@ -56,6 +56,17 @@ def kernel_bandwidth_verdict(kernels: Sequence[dict], judged: bool, reason: str 
     return out
 
 
+# Status key in stage_speedups: (its ratio, the goal, the goal's text); one verdict each.
+STAGE_GOALS = {
+    "eager_status": ("fused_over_eager", FUSED_OVER_EAGER_GOAL, "fused >= {:.2f}x eager per stage"),
+    "graphed_status": ("fused_over_eager_graphed", FUSED_OVER_EAGER_GOAL,
+                       "fused >= {:.2f}x eager per stage, both replayed from CUDA graphs (no host time)"),
+    "compile_status": ("best_fused_over_compile", FUSED_OVER_COMPILE_GOAL, "fused >= {:.2f}x torch.compile per stage"),
+}
+STAGE_VERDICTS = {"stages_vs_eager": "eager_status", "stages_vs_eager_graphed": "graphed_status",
+                  "stages_vs_compile": "compile_status"}
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a and b else None
 
@@ -74,17 +85,6 @@ def stage_speedups(case: dict) -> dict:
     for status, (ratio, goal, _) in STAGE_GOALS.items():
         out[status] = judge(out[ratio], goal)
     return out
-
-
-# Status key in stage_speedups: (its ratio, the goal, the goal's text); one verdict each.
-STAGE_GOALS = {
-    "eager_status": ("fused_over_eager", FUSED_OVER_EAGER_GOAL, "fused >= {:.2f}x eager per stage"),
-    "graphed_status": ("fused_over_eager_graphed", FUSED_OVER_EAGER_GOAL,
-                       "fused >= {:.2f}x eager per stage, both replayed from CUDA graphs (no host time)"),
-    "compile_status": ("best_fused_over_compile", FUSED_OVER_COMPILE_GOAL, "fused >= {:.2f}x torch.compile per stage"),
-}
-STAGE_VERDICTS = {"stages_vs_eager": "eager_status", "stages_vs_eager_graphed": "graphed_status",
-                  "stages_vs_compile": "compile_status"}
 
 
 def _median(values: Sequence[Optional[float]]) -> Optional[float]:
