@@ -10,7 +10,9 @@ One piece of code builds the stages and times them, shared by ``fused-resnet ben
   :func:`~fused_resnet.tools.common.time_steps` (CUDA events on a GPU, ``time.perf_counter``
   on the CPU);
 - :func:`run_bench` measures eager, fused and compile side by side for every case, and
-  :func:`format_table`, :func:`report`, :func:`write_plot` report it.
+  :func:`format_table`, :func:`report`, :func:`write_plot` report it;
+- the ``*_graph`` variants replay the same step from a CUDA graph (:func:`capture_cuda_graph`):
+  no host time, so :func:`host_share` tells how much of the plain step the host took.
 
 The fused ops alone (GB/s) are :mod:`fused_resnet.tools.kernel_bench`.
 """
@@ -41,7 +43,13 @@ VARIANTS = ("eager", "fused", "compile")
 # compile_fused: torch.compile of the fused model (fullgraph: the fused ops are single graph nodes).
 COMPILE_VARIANTS = {"compile": "eager", "compile_fused": "fused"}
 # fused_conv: fused with fuse_convolutions (the Bottlenecks' 1x1 convolutions as Triton GEMMs).
-ALL_VARIANTS = VARIANTS + ("compile_fused", "fused_conv")
+PLAIN_VARIANTS = VARIANTS + ("compile_fused", "fused_conv")
+# The same step as the base variant, captured once in a CUDA graph and replayed: the GPU's time alone.
+GRAPH_VARIANTS = {"eager_graph": "eager", "fused_graph": "fused", "fused_conv_graph": "fused_conv"}
+ALL_VARIANTS = PLAIN_VARIANTS + tuple(GRAPH_VARIANTS)
+# Calls of a step on a side stream before its capture (torch.cuda.graphs' own examples run 3):
+# cuDNN/cuBLAS handles, Triton's JIT and lazy buffers are set up outside the capture.
+GRAPH_WARMUP = 3
 
 
 # --------------------------------------------------------------------------- building models
@@ -136,6 +144,46 @@ def make_input(shape: Sequence[int], stage: str, mode: str, dtype: str, memory_f
     return x.requires_grad_(mode == "train_backward" and stage not in ("stem", "all"))
 
 
+def graphs_unavailable(device: torch.device) -> Optional[str]:
+    """Why ``device`` cannot replay CUDA graphs, or None when it can."""
+    return None if torch.device(device).type == "cuda" else "no CUDA"
+
+
+def capture_cuda_graph(step: Callable[[], object], warmup: int = GRAPH_WARMUP, pool=None):
+    """``step`` called ``warmup`` times on a side stream, then once captured in a ``torch.cuda.CUDAGraph``,
+    as torch.cuda.graphs documents; returns (graph, what the captured call returned).
+
+    Every tensor ``step`` reads must stay where it is (static inputs, parameters, BatchNorm
+    buffers: their in-place updates are captured too). The returned tensors live in the
+    graph's memory pool, rewritten by each ``graph.replay()``. ``pool`` (a
+    ``torch.cuda.graph_pool_handle()``) lets graphs replayed one after another share memory.
+    """
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+    except BaseException:
+        # torch.cuda.graph's exit skips restoring the stream when capture_end raises.
+        torch.cuda.set_stream(current)
+        raise
+    return graph, out
+
+
+def host_share(plain_per_s: Optional[float], graph_per_s: Optional[float]) -> Optional[float]:
+    """1 - graph time / plain time, from the two rates: the share of the plain step the GPU spent
+    waiting on the host (Python, dispatch, launches). Negative when the graph ran slower (noise)."""
+    if not plain_per_s or not graph_per_s:
+        return None
+    return 1.0 - plain_per_s / graph_per_s
+
+
 # --------------------------------------------------------------------------- the suite
 
 
@@ -180,6 +228,7 @@ class Measurement:
     seconds: list[float] = field(default_factory=list)
     skipped: Optional[str] = None
     compile_s: Optional[float] = None  # compile variants: the first call (compilation and one step)
+    capture_s: Optional[float] = None  # graph variants: the side-stream warm-up and the capture
 
     @property
     def median_s(self) -> Optional[float]:
@@ -215,35 +264,67 @@ class CaseResult:
             out["variants"][name].update(median_s=m.median_s, images_per_s=self.images_per_s(name))
         out["speedup_fused_over_eager"] = self.speedup("fused", "eager")
         out["speedup_fused_over_compile"] = self.speedup("fused", "compile")
+        out["speedup_fused_over_eager_graphed"] = self.speedup("fused_graph", "eager_graph")
+        out["host_share"] = {base: host_share(self.images_per_s(base), self.images_per_s(graph))
+                             for graph, base in GRAPH_VARIANTS.items() if graph in self.variants}
         return out
+
+
+def prepare_variant(cache: ModelCache, variant: str, model: str, stage: str, dtype: str, memory_format: str,
+                    x: torch.Tensor, mode: str, pool=None) -> tuple[Callable[[], None], dict]:
+    """The step :func:`time_steps` times for ``variant``, and its set-up time: a compile variant's
+    first call (compilation and one step) as ``compile_s``, a graph variant's warm-up and capture
+    as ``capture_s``; nothing for the plain variants."""
+    base = GRAPH_VARIANTS.get(variant)
+    step = prepare_step(cache.stage(model, base or variant, stage, dtype, memory_format), x, mode)
+    if variant not in COMPILE_VARIANTS and base is None:
+        return step, {}
+    synchronize(cache.device)
+    start = time.perf_counter()
+    if base is None:
+        step()  # compile now, timed apart: a compiler failure is reported, not raised mid-timing
+    else:
+        step = capture_cuda_graph(step, pool=pool)[0].replay
+    synchronize(cache.device)
+    return step, {"compile_s" if base is None else "capture_s": time.perf_counter() - start}
 
 
 def measure_case(cache: ModelCache, model: str, stage: str, mode: str, dtype: str, memory_format: str,
                  batch: int, resolution: int, variants: Iterable[str], warmup: int, iters: int,
                  shapes: Optional[dict] = None) -> CaseResult:
-    """Time every variant of one case on the same input, in turns (see :func:`time_steps`)."""
+    """Time every variant of one case on the same input, in turns (see :func:`time_steps`).
+
+    A graph variant runs its base variant's step on the same module and input, captured once
+    and replayed; the case's graphs share one memory pool (replayed in capture order, never at
+    once, and nothing they return is kept). A compiler or capture failure is that variant's
+    ``skipped`` text; the other variants are still measured.
+    """
     shape = (shapes or stage_input_shapes(model, batch, resolution))[stage]
     x = make_input(shape, stage, mode, dtype, memory_format, cache.device, cache.seed)
-    measured, steps, compile_s = {}, {}, {}
+    no_graphs = graphs_unavailable(cache.device)
+    graphed = not no_graphs and any(v in GRAPH_VARIANTS for v in variants)
+    pool = torch.cuda.graph_pool_handle() if graphed else None
+    measured, steps, setup = {}, {}, {}
     for variant in variants:
+        if variant in GRAPH_VARIANTS and no_graphs:
+            measured[variant] = Measurement(skipped=no_graphs)
+            continue
         try:
-            step = prepare_step(cache.stage(model, variant, stage, dtype, memory_format), x, mode)
-            if variant in COMPILE_VARIANTS:
-                # Compile now, timed apart: a compiler failure is reported, not raised mid-timing.
-                synchronize(cache.device)
-                start = time.perf_counter()
-                step()
-                synchronize(cache.device)
-                compile_s[variant] = time.perf_counter() - start
-            steps[variant] = step
+            steps[variant], setup[variant] = prepare_variant(cache, variant, model, stage, dtype, memory_format, x,
+                                                             mode, pool)
         except MissingDependency as exc:
             measured[variant] = Measurement(skipped=str(exc))
-        except Exception as exc:  # noqa: BLE001 - a compiler failure must not hide the other variants
-            if variant not in COMPILE_VARIANTS:
+        except Exception as exc:  # noqa: BLE001 - a compiler or capture failure must not hide the other variants
+            what = ("torch.compile" if variant in COMPILE_VARIANTS
+                    else "CUDA graph capture" if variant in GRAPH_VARIANTS else None)
+            if what is None:
                 raise
-            measured[variant] = Measurement(skipped=f"torch.compile failed: {type(exc).__name__}: {exc}"[:300])
+            measured[variant] = Measurement(skipped=f"{what} failed: {type(exc).__name__}: {exc}"[:300])
     for variant, seconds in time_steps(steps, cache.device, warmup, iters).items():
-        measured[variant] = Measurement(seconds, compile_s=compile_s.get(variant))
+        measured[variant] = Measurement(seconds, **setup[variant])
+    if graphed:
+        steps.clear()  # the graphs: their memory goes back to the driver, not kept for the next case
+        torch.cuda.empty_cache()
     ordered = {v: measured[v] for v in variants}
     return CaseResult(model, stage, mode, dtype, memory_format, batch, resolution, list(shape), ordered)
 
@@ -305,8 +386,10 @@ def report(results: Sequence[CaseResult], info: dict, config: BenchConfig,
     }
 
 
+# A graph variant in the light shade of its base variant's colour.
 VARIANT_COLORS = {"eager": "#7f7f7f", "fused": "#1f77b4", "compile": "#ff7f0e", "compile_fused": "#2ca02c",
-                  "fused_conv": "#9467bd"}
+                  "fused_conv": "#9467bd", "eager_graph": "#c7c7c7", "fused_graph": "#aec7e8",
+                  "fused_conv_graph": "#c5b0d5"}
 
 
 def plot_stage_panel(ax, group: Sequence[CaseResult], title: str) -> None:

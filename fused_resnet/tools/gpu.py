@@ -14,7 +14,8 @@ goes to the next):
    cuDNN's convolution + the ops it fuses: time, ratio, TFLOP/s and GB/s;
 4. ``device_aot``: registers, spills and shared memory of the kernels as compiled here;
 5. ``stages``: images/s per stage, eager / fused / torch.compile(eager) / torch.compile(fused),
-   compile time apart, and fused_conv (``fuse_convolutions=True``) at layer1..layer4;
+   compile time apart, and fused_conv (``fuse_convolutions=True``) at layer1..layer4; eager, fused
+   and fused_conv also replayed from a CUDA graph (no host time: how much of each the host takes);
 6. ``report``: gpu.json, summary.md, gpu.png (with log.txt and pytest.txt, five files).
 
 A phase that runs out of time stops between two measurements, keeps what it measured and
@@ -39,7 +40,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .bench import ModelCache, Measurement, make_input, measure_case
+from .bench import GRAPH_VARIANTS, ModelCache, Measurement, make_input, measure_case
 from .common import (OP_PASSES, TAIL_OPS, CPU_NOTE, CUDA_NOTE, gpu_details, machine_info, stage_input_shapes,
                      write_json)
 from .gpu_report import summary_markdown, verdicts, write_chart
@@ -49,7 +50,8 @@ from .kernel_bench import (SMOKE_CONV1X1, conv1x1_cases, kernel_result, kernel_s
 PHASES = ("machine", "correctness", "kernels", "device_aot", "stages", "report")
 # Seconds of the default 540 s budget; other budgets scale them.
 # kernels holds the tails and the 1x1-convolution GEMMs (their JIT compiles too): 50 s each from correctness and stages.
-PHASE_SHARES = {"machine": 5, "correctness": 165, "kernels": 140, "device_aot": 5, "stages": 205, "report": 20}
+# stages times eager, fused and fused_conv from CUDA graphs too: 10 s from report (files written in seconds).
+PHASE_SHARES = {"machine": 5, "correctness": 165, "kernels": 140, "device_aot": 5, "stages": 215, "report": 10}
 # The BatchNorm tails' part of the kernels phase on a GPU; the 1x1 GEMMs get the rest.
 TAIL_SHARE_OF_KERNELS = 0.55
 DEFAULT_BUDGET_S = 540
@@ -429,6 +431,8 @@ def phase_stages(run: GpuRun, phase: Phase) -> None:
         variants, dropped = ["eager", "fused"], []
         if stage in s.fused_conv_stages:
             variants.append("fused_conv")
+        # Each replayed from a CUDA graph too (skipped, "no CUDA", in a smoke run): a capture costs a few steps.
+        variants += [graph for graph, base in GRAPH_VARIANTS.items() if base in variants]
         for variant in ("compile", "compile_fused"):
             known = (variant, stage, mode) in run.compile_times
             observed = [t for (_, _, m), t in run.compile_times.items() if m == mode]

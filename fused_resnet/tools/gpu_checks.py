@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .bench import capture_cuda_graph
 from .check import TOLERANCES, normalised_error
 from .common import (DTYPES, MEMORY_FORMATS, OP_PASSES, TAIL_OPS, convert_model, fused_tail, synchronize,
                      tail_case, torchvision_resnet)
@@ -265,15 +266,7 @@ def check_cuda_graph(model_name: str, batch: int, resolution: int, dtype: str, m
         out = model(x)
         return [out, *torch.autograd.grad(out, params, grad_out)]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up off the capture stream, as torch.cuda.graphs requires
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     tracked = next(b for name, b in model.named_buffers() if name.endswith("num_batches_tracked"))
     before = int(tracked)
     reference = [t.detach().clone() for t in step()]

@@ -6,7 +6,8 @@ import os
 import statistics
 from typing import Callable, Optional, Sequence
 
-from .bench import ALL_VARIANTS, MODE_LABELS, CaseResult, Measurement, panel_title, plot_stage_panel, stage_panels
+from .bench import (ALL_VARIANTS, GRAPH_VARIANTS, MODE_LABELS, PLAIN_VARIANTS, CaseResult, Measurement, host_share,
+                    panel_title, plot_stage_panel, stage_panels)
 from .common import PASS_LABELS, format_figure, require
 
 # The project's goals (issue 9).
@@ -55,38 +56,65 @@ def kernel_bandwidth_verdict(kernels: Sequence[dict], judged: bool, reason: str 
     return out
 
 
+# Status key in stage_speedups: (its ratio, the goal, the goal's text); one verdict each.
+STAGE_GOALS = {
+    "eager_status": ("fused_over_eager", FUSED_OVER_EAGER_GOAL, "fused >= {:.2f}x eager per stage"),
+    "graphed_status": ("fused_over_eager_graphed", FUSED_OVER_EAGER_GOAL,
+                       "fused >= {:.2f}x eager per stage, both replayed from CUDA graphs (no host time)"),
+    "compile_status": ("best_fused_over_compile", FUSED_OVER_COMPILE_GOAL, "fused >= {:.2f}x torch.compile per stage"),
+}
+STAGE_VERDICTS = {"stages_vs_eager": "eager_status", "stages_vs_eager_graphed": "graphed_status",
+                  "stages_vs_compile": "compile_status"}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
+
+
 def stage_speedups(case: dict) -> dict:
-    """fused / eager, and the faster of fused and compile(fused) over compile(eager), of one stage case."""
+    """fused / eager (plain, and both replayed from CUDA graphs), the faster of fused and
+    compile(fused) over compile(eager), and each graphed variant's host share, of one stage case."""
     ips = {v: (case["variants"].get(v) or {}).get("images_per_s") for v in ALL_VARIANTS}
-    over_eager = ips["fused"] / ips["eager"] if ips["fused"] and ips["eager"] else None
     candidates = {v: ips[v] for v in ("fused", "compile_fused") if ips[v]}
     best = max(candidates, key=candidates.get) if candidates else None
-    over_compile = candidates[best] / ips["compile"] if best and ips["compile"] else None
-    return {"stage": case["stage"], "mode": case["mode"], "images_per_s": ips,
-            "fused_over_eager": over_eager, "eager_status": judge(over_eager, FUSED_OVER_EAGER_GOAL),
-            "best_fused_variant": best, "best_fused_over_compile": over_compile,
-            "compile_status": judge(over_compile, FUSED_OVER_COMPILE_GOAL)}
+    out = {"stage": case["stage"], "mode": case["mode"], "images_per_s": ips,
+           "fused_over_eager": _ratio(ips["fused"], ips["eager"]),
+           "fused_over_eager_graphed": _ratio(ips["fused_graph"], ips["eager_graph"]),
+           "best_fused_variant": best, "best_fused_over_compile": _ratio(ips.get(best), ips["compile"]),
+           "host_share": {base: host_share(ips[base], ips[graph]) for graph, base in GRAPH_VARIANTS.items()}}
+    for status, (ratio, goal, _) in STAGE_GOALS.items():
+        out[status] = judge(out[ratio], goal)
+    return out
 
 
-def stages_verdict(stages: Sequence[dict], planned: int, judged: bool, reason: str = "") -> tuple[dict, dict]:
-    """(fused >= FUSED_OVER_EAGER_GOAL x eager, best fused >= FUSED_OVER_COMPILE_GOAL x compile), every stage case."""
+def _median(values: Sequence[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def stages_verdict(stages: Sequence[dict], planned: int, judged: bool, reason: str = "") -> dict[str, dict]:
+    """One verdict per STAGE_VERDICTS entry over every stage case (fused vs eager, plain and from
+    CUDA graphs; best fused vs compile), with how many cases fused ran faster at all (> 1x)."""
     per_case = [stage_speedups(c) for c in stages]
-    verdicts = []
-    for key, goal, text in (("eager_status", FUSED_OVER_EAGER_GOAL, "fused >= {:.2f}x eager per stage"),
-                            ("compile_status", FUSED_OVER_COMPILE_GOAL, "fused >= {:.2f}x torch.compile per stage")):
+    verdicts = {}
+    for name, key in STAGE_VERDICTS.items():
+        ratio, goal, text = STAGE_GOALS[key]
         statuses = [c[key] for c in per_case]
-        ratio = "fused_over_eager" if key == "eager_status" else "best_fused_over_compile"
         values = [c[ratio] for c in per_case if c[ratio] is not None]
         out = {"goal": text.format(goal), "planned_cases": planned, "judged_cases": len(values),
-               "passing": statuses.count(PASS), "min_ratio": min(values, default=None),
+               "passing": statuses.count(PASS), "faster": sum(r > 1.0 for r in values),
+               "min_ratio": min(values, default=None),
                "failing": [f"{c['stage']} {MODE_LABELS[c['mode']]}: {c[ratio]:.2f}x" for c in per_case
                            if c[key] == FAIL]}
+        if key == "graphed_status":
+            out["median_host_share"] = {base: _median([c["host_share"][base] for c in per_case])
+                                        for base in GRAPH_VARIANTS.values()}
         if not judged:
             out.update(status=NOT_JUDGED, reason=reason)
         else:
             out["status"] = combine(statuses)
-        verdicts.append(out)
-    return verdicts[0], verdicts[1]
+        verdicts[name] = out
+    return verdicts
 
 
 def conv1x1_stage(shape: Sequence[int]) -> str:
@@ -143,10 +171,9 @@ def verdicts(report: dict) -> dict:
     checks = dict(report["correctness"])
     if report.get("device_aot"):
         checks["device_aot"] = report["device_aot"]
-    vs_eager, vs_compile = stages_verdict(report["stages"], report["settings"]["stage_cases"], judged, reason)
     return {"correctness": correctness_verdict(checks),
             "kernel_bandwidth": kernel_bandwidth_verdict(report["kernels"], judged, reason),
-            "stages_vs_eager": vs_eager, "stages_vs_compile": vs_compile,
+            **stages_verdict(report["stages"], report["settings"]["stage_cases"], judged, reason),
             "conv1x1": conv1x1_verdict(report.get("conv1x1", []), report["stages"], judged, reason)}
 
 
@@ -179,7 +206,9 @@ def _verdict_detail(name: str, v: dict) -> str:
                 f"median {_pct(v['median_fraction'])} of peak")
         return text + (f"; worst: {'; '.join(v['worst'])}" if v["worst"] else "")
     text = (f"{v['passing']} of {v['judged_cases']} measured cases ({v['planned_cases']} planned); "
-            f"min {format_figure(v['min_ratio'], '.2f')}x")
+            f"min {format_figure(v['min_ratio'], '.2f')}x; faster at all (> 1x) in {v['faster']}")
+    if "median_host_share" in v:
+        text += "; host share (median): " + ", ".join(f"{b} {_pct(x)}" for b, x in v["median_host_share"].items())
     return text + (f"; below: {'; '.join(v['failing'])}" if v["failing"] else "")
 
 
@@ -220,10 +249,39 @@ def _stage_rows(stages: Sequence[dict]) -> list[list]:
         s = stage_speedups(case)
         ips = s["images_per_s"]
         compile_s = [(case["variants"].get(v) or {}).get("compile_s") for v in ("compile", "compile_fused")]
-        rows.append([case["stage"], MODE_LABELS[case["mode"]], *(format_figure(ips[v], ",.0f") for v in ALL_VARIANTS),
+        rows.append([case["stage"], MODE_LABELS[case["mode"]], *(format_figure(ips[v], ",.0f") for v in PLAIN_VARIANTS),
                      format_figure(s["fused_over_eager"], ".2f"), format_figure(s["best_fused_over_compile"], ".2f"),
                      " / ".join(format_figure(c, ".0f") for c in compile_s)])
     return rows
+
+
+def _graph_rows(stages: Sequence[dict]) -> list[list]:
+    rows = []
+    for case in stages:
+        s = stage_speedups(case)
+        ips, share = s["images_per_s"], s["host_share"]
+        rows.append([case["stage"], MODE_LABELS[case["mode"]],
+                     *(cell for graph, base in GRAPH_VARIANTS.items() for cell in
+                       (format_figure(ips[base], ",.0f"), format_figure(ips[graph], ",.0f"), _pct(share[base]))),
+                     format_figure(s["fused_over_eager"], ".2f"), format_figure(s["fused_over_eager_graphed"], ".2f")])
+    return rows
+
+
+def _graph_section(stages: Sequence[dict]) -> list[str]:
+    """The stages replayed from CUDA graphs beside the plain steps: the host share per variant and
+    fused/eager both ways; the skip reasons where no graph was measured."""
+    if not any(g in case["variants"] for case in stages for g in GRAPH_VARIANTS):
+        return []
+    lines = ["", "### The same steps replayed from CUDA graphs (no host time)", "",
+             "`X graph`: the step of X captured once in a CUDA graph and replayed (same module, input, mode). "
+             "host share: 1 - graph time / plain time, the part of the plain step the GPU waited on the host "
+             "(Python, dispatch, launches); negative when the replay ran slower.", ""]
+    lines += _table(["stage", "mode", *(h for graph, base in GRAPH_VARIANTS.items()
+                                        for h in (f"{base} img/s", f"{graph} img/s", f"{base} host share")),
+                     "fused/eager", "fused/eager graphed"], _graph_rows(stages))
+    skips = sorted({f"{g}: {m['skipped']}" for case in stages for g, m in case["variants"].items()
+                    if g in GRAPH_VARIANTS and m.get("skipped")})
+    return lines + (["", "Not measured: " + "; ".join(skips)] if skips else [])
 
 
 def _gb(value: float) -> str:
@@ -272,9 +330,7 @@ def summary_markdown(report: dict) -> str:
         lines += ["**Smoke run**: every phase at toy sizes on the CPU (Triton's interpreter where kernels are "
                   "needed). It checks that the command works; its figures are CPU figures and no speed goal is "
                   "judged.", ""]
-    names = {"correctness": "correct on the device", "kernel_bandwidth": v["kernel_bandwidth"]["goal"],
-             "stages_vs_eager": v["stages_vs_eager"]["goal"], "stages_vs_compile": v["stages_vs_compile"]["goal"],
-             "conv1x1": v["conv1x1"]["goal"]}
+    names = {k: ("correct on the device" if k == "correctness" else v[k]["goal"]) for k in v}
     lines += ["## Verdict", ""] + _table(["goal", "verdict", "detail"],
                                          [[names[k], f"**{v[k]['status']}**", _verdict_detail(k, v[k])] for k in v])
     lines += ["", "## Phases", ""] + _table(
@@ -321,8 +377,9 @@ def summary_markdown(report: dict) -> str:
         lines += ["", f"## Per-stage throughput: {s['model']}, batch {s['batch']}, "
                       f"{s['resolution']}x{s['resolution']}, "
                       f"{s['dtype']}, {s['memory_format']} (images/s)", ""]
-        lines += _table(["stage", "mode", *(f"{v} img/s" for v in ALL_VARIANTS), "fused/eager",
+        lines += _table(["stage", "mode", *(f"{v} img/s" for v in PLAIN_VARIANTS), "fused/eager",
                          "best fused/compile", "compile s (eager / fused)"], _stage_rows(report["stages"]))
+        lines += _graph_section(report["stages"])
     if report["device_aot"] and report["device_aot"].get("kernels"):
         lines += ["", f"## Kernels as compiled ({report['device_aot']['source']})", ""]
         lines += _table(["kernel", "specialisations", "max registers", "max shared bytes", "spills"],
@@ -338,7 +395,7 @@ def _case_results(stages: Sequence[dict]) -> list[CaseResult]:
     """Stage records (CaseResult.to_json) back as CaseResults, for the stage panels."""
     out = []
     for c in stages:
-        variants = {v: Measurement(m["seconds"], m.get("skipped"), m.get("compile_s"))
+        variants = {v: Measurement(m["seconds"], m.get("skipped"), m.get("compile_s"), m.get("capture_s"))
                     for v, m in c["variants"].items()}
         out.append(CaseResult(c["model"], c["stage"], c["mode"], c["dtype"], c["memory_format"], c["batch"],
                               c["resolution"], c["input_shape"], variants))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fused_resnet.tools import gpu, gpu_checks, gpu_report, kernel_bench
+from fused_resnet.tools import bench, gpu, gpu_checks, gpu_report, kernel_bench
 from fused_resnet.tools.gpu_report import FAIL, NOT_JUDGED, NOT_MEASURED, PASS
 
 
@@ -57,10 +57,54 @@ def test_stage_speedups_take_the_faster_fused_variant_against_compile():
 def test_stages_verdict_fails_on_one_stage_below_the_goal():
     cases = [stage_case("all", eager=100, fused=120, compile=110, compile_fused=115),
              stage_case("layer1", eager=100, fused=110, compile=100, compile_fused=None)]
-    vs_eager, vs_compile = gpu_report.stages_verdict(cases, planned=12, judged=True)
+    v = gpu_report.stages_verdict(cases, planned=12, judged=True)
+    vs_eager, vs_compile = v["stages_vs_eager"], v["stages_vs_compile"]
     assert vs_eager["status"] == FAIL and vs_eager["failing"] == ["layer1 fwd+bwd: 1.10x"]
+    assert vs_eager["faster"] == 2  # below the goal, yet faster than eager
     assert vs_compile["status"] == PASS and vs_compile["passing"] == 2 and vs_compile["planned_cases"] == 12
-    assert gpu_report.stages_verdict(cases, 12, judged=False, reason="smoke")[0]["status"] == NOT_JUDGED
+    # No graph variant measured: the graphed verdict says so rather than passing.
+    assert v["stages_vs_eager_graphed"]["status"] == NOT_MEASURED and v["stages_vs_eager_graphed"]["judged_cases"] == 0
+    assert gpu_report.stages_verdict(cases, 12, judged=False, reason="smoke")["stages_vs_eager"]["status"] == NOT_JUDGED
+
+
+def test_host_share_is_one_minus_graph_time_over_plain_time():
+    # 100 img/s plain, 400 img/s replayed: the plain step took 4x the GPU's time, 75% of it host.
+    assert bench.host_share(100.0, 400.0) == pytest.approx(0.75)
+    assert bench.host_share(100.0, 100.0) == 0.0
+    assert bench.host_share(100.0, 80.0) == pytest.approx(-0.25)  # the replay slower: said, not hidden
+    assert bench.host_share(None, 400.0) is None and bench.host_share(100.0, None) is None
+
+
+def test_graphed_verdict_judges_fused_against_eager_without_host_time():
+    # layer4 eval: fused 1.3x eager plain (eager's host time is larger), only 1.05x from graphs.
+    cases = [stage_case("layer4", "eval", eager=1000, fused=1300, eager_graph=2000, fused_graph=2100,
+                        fused_conv=1200, fused_conv_graph=2400),
+             stage_case("layer1", eager=100, fused=130, eager_graph=110, fused_graph=150)]
+    s = gpu_report.stage_speedups(cases[0])
+    assert s["fused_over_eager"] == pytest.approx(1.3) and s["eager_status"] == PASS
+    assert s["fused_over_eager_graphed"] == pytest.approx(1.05) and s["graphed_status"] == FAIL
+    assert s["host_share"] == pytest.approx({"eager": 0.5, "fused": 1 - 1300 / 2100, "fused_conv": 0.5})
+    v = gpu_report.stages_verdict(cases, planned=2, judged=True)["stages_vs_eager_graphed"]
+    assert v["status"] == FAIL and v["judged_cases"] == 2 and v["passing"] == 1 and v["faster"] == 2
+    assert v["failing"] == ["layer4 fwd eval: 1.05x"] and v["min_ratio"] == pytest.approx(1.05)
+    assert v["median_host_share"]["eager"] == pytest.approx((0.5 + 1 - 100 / 110) / 2)
+    assert v["median_host_share"]["fused_conv"] == pytest.approx(0.5)  # only measured at layer4
+    assert v["goal"] == "fused >= 1.15x eager per stage, both replayed from CUDA graphs (no host time)"
+    detail = gpu_report._verdict_detail("stages_vs_eager_graphed", v)
+    assert "1 of 2 measured cases" in detail and "faster at all (> 1x) in 2" in detail
+    assert "host share (median): eager 30%" in detail and "below: layer4 fwd eval: 1.05x" in detail
+
+
+def test_graph_section_of_the_summary():
+    with_graphs = stage_case("layer4", "eval", eager=1000, fused=1300, eager_graph=2000, fused_graph=2100)
+    with_graphs["variants"]["fused_conv_graph"] = {"images_per_s": None, "skipped": "CUDA graph capture failed: X"}
+    lines = gpu_report._graph_section([with_graphs])
+    header = next(line for line in lines if line.startswith("| stage"))
+    assert header.split(" | ")[2:5] == ["eager img/s", "eager_graph img/s", "eager host share"]
+    row = next(line for line in lines if line.startswith("| layer4"))
+    assert row == "| layer4 | fwd eval | 1,000 | 2,000 | 50% | 1,300 | 2,100 | 38% | - | - | - | 1.30 | 1.05 |"
+    assert lines[-1] == "Not measured: fused_conv_graph: CUDA graph capture failed: X"
+    assert gpu_report._graph_section([stage_case("all", eager=1, fused=2)]) == []  # older reports: no section
 
 
 def test_conv1x1_verdict_says_yes_or_no_per_stage():
@@ -188,13 +232,24 @@ def test_smoke_run_writes_every_file_and_figure(tmp_path):
     assert conv["line"].startswith("fused GEMM path faster than cuDNN + today's kernels: layer1 ")
     assert "train_backward_over_fused" in conv["per_stage"]["layer1"]
     assert set(stages) == {(st, m) for st in ("all", "layer1") for m in ("train_backward", "eval")}
-    assert set(stages[("all", "eval")]["variants"]) == {"eager", "fused", "compile", "compile_fused"}
+    assert set(stages[("all", "eval")]["variants"]) == {"eager", "fused", "compile", "compile_fused",
+                                                        "eager_graph", "fused_graph"}
+    # The CUDA-graph variants: skipped with the reason, in gpu.json, the verdict and summary.md.
+    layer1 = stages[("layer1", "train_backward")]
+    for graph in ("eager_graph", "fused_graph", "fused_conv_graph"):
+        assert layer1["variants"][graph]["skipped"] == "no CUDA" and layer1["variants"][graph]["images_per_s"] is None
+    assert layer1["host_share"] == {"eager": None, "fused": None, "fused_conv": None}
+    assert layer1["speedup_fused_over_eager_graphed"] is None
+    graphed = data["verdict"]["stages_vs_eager_graphed"]
+    assert graphed["judged_cases"] == 0 and graphed["planned_cases"] == 4
     assert stages[("all", "train_backward")]["variants"]["compile_fused"]["compile_s"] > 0
     assert {v["status"] for k, v in data["verdict"].items() if k != "correctness"} == {NOT_JUDGED}
     assert data["verdict"]["correctness"]["status"] == PASS
     summary = (out / "summary.md").read_text()
     assert "## 1x1-convolution GEMMs vs cuDNN" in summary and "fused GEMM path faster than" in summary
     assert "## Verdict" in summary and "Smoke run" in summary and "| pytest | yes |" in summary
+    assert "### The same steps replayed from CUDA graphs" in summary and "eager_graph: no CUDA" in summary
+    assert "both replayed from CUDA graphs (no host time) | **not judged** |" in summary
     assert (out / "gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Verdict" in printed  # the summary is printed at the end
 
