@@ -14,7 +14,6 @@ from .kernels import add_relu_backward, add_relu_forward, as_layout, layout_of
 from .validation import check_like
 
 
-@backend.launches_on_input_device
 def _add_relu(a: Tensor, b: Tensor) -> Tensor:
     if not backend.use_triton(a):
         # Into a's dense layout, which the fake claims (TensorIterator would follow a and b's strides).
@@ -25,7 +24,8 @@ def _add_relu(a: Tensor, b: Tensor) -> Tensor:
     return add_relu_forward(a, _in_layout_of(b, a))
 
 
-add_relu_op = torch.library.custom_op("fused_resnet::add_relu", mutates_args=())(_add_relu)
+add_relu_op = torch.library.custom_op("fused_resnet::add_relu", mutates_args=())(
+    backend.launches_on_input_device(_add_relu))
 
 
 @add_relu_op.register_fake
@@ -44,7 +44,9 @@ def add_relu_backward_op(dy: Tensor, y: Tensor) -> Tensor:
 
 
 def _in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
-    """``t`` dense in ``ref``'s layout (``ref``: a dense 4-D tensor, or any contiguous one)."""
+    """``t`` (ref's shape) dense in ``ref``'s layout (``ref``: a dense 4-D tensor, or any contiguous one)."""
+    if t.stride() == ref.stride():
+        return t
     return as_layout(t, layout_of(ref)) if ref.dim() == 4 else t.contiguous()
 
 
@@ -70,7 +72,7 @@ def add_relu(a: Tensor, b: Tensor) -> Tensor:
     """``relu(a + b)`` for two tensors of the same shape, dtype and device."""
     if not isinstance(a, Tensor):
         raise TypeError(f"a must be a Tensor, got {type(a).__name__}")
-    if not a.is_floating_point():
+    if not a.dtype.is_floating_point:
         raise RuntimeError(f"a must be a floating-point tensor, got {a.dtype}")
     check_like("b", b, a, x_name="a")
     if not backend.use_triton(a):

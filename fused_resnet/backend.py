@@ -116,12 +116,15 @@ def eager_call(x: torch.Tensor) -> bool:
 
 
 def call_op(op: Callable, implementation: Callable, args: tuple, mutated: tuple = ()):
-    """``op(*args)``, or in an eager call (``eager_call``) ``implementation(*args)`` with the
-    version counters of the ``mutated`` tensors bumped, as the dispatcher would."""
+    """``op(*args)``, or in an eager call (``eager_call``) ``implementation(*args)`` under
+    ``launch_device(args[0])``, with the version counters of the ``mutated`` tensors bumped,
+    as the dispatcher would. ``implementation`` may return None where the op returns an
+    empty tensor (nothing to allocate for an output the caller drops)."""
     if not eager_call(args[0]):
         return op(*args)
-    out = implementation(*args)
+    with launch_device(args[0]):
+        out = implementation(*args)
     if mutated:
-        # One call for all of them (inference tensors have no counter: left alone).
+        # One call for all of them (None: an absent buffer; inference tensors have no counter: left alone).
         torch.autograd.graph.increment_version([t for t in mutated if t is not None])
     return out

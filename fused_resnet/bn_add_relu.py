@@ -366,11 +366,6 @@ def stat_slots(training: bool, running_mean, running_var, num_batches_tracked) -
     return None, None, None, running_mean, running_var
 
 
-# What an eager call runs instead of the ops (None, not an empty tensor, where an output is absent).
-_forward_y_and_stats_on_device = backend.launches_on_input_device(bn_add_relu_forward_y_and_stats)
-backward_grads_on_device = backend.launches_on_input_device(bn_add_relu_backward_grads)
-
-
 def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, weight, bias, training, momentum,
                              eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked,
                              r_weight, r_bias, r_training, r_momentum, r_eps) -> tuple:
@@ -379,10 +374,10 @@ def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, 
     slots = stat_slots(training, running_mean, running_var, num_batches_tracked)
     r_slots = stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked)
     return backend.call_op(
-        torch.ops.fused_resnet.bn_add_relu_forward, _forward_y_and_stats_on_device,
+        torch.ops.fused_resnet.bn_add_relu_forward, bn_add_relu_forward_y_and_stats,
         (x, *slots, weight, bias, training, momentum, eps, residual_mode, residual, *r_slots, r_weight, r_bias,
          r_training, r_momentum, r_eps),
-        mutated=slots[:3] + r_slots[:3])
+        mutated=(slots[:3] if training else ()) + (r_slots[:3] if r_training else ()))
 
 
 class BnAddReLUFunction(torch.autograd.Function):
@@ -416,12 +411,8 @@ class BnAddReLUFunction(torch.autograd.Function):
         training, eps, residual_mode, r_training, r_eps = ctx.config
         needs = ctx.needs_input_grad
         output_mask = [needs[1], needs[2], needs[4], needs[5]]
-        if not backend.eager_call(dy):
-            # The forward ran eagerly (statistics None) and the backward through the op (a
-            # dispatch mode entered in between): the op's schema wants tensors.
-            mean, invstd, r_mean, r_invstd = _with_empty_tensors(x, (mean, invstd, r_mean, r_invstd), stats_dtype(x))
         dx, d_res, dw, db, r_dw, r_db = backend.call_op(
-            torch.ops.fused_resnet.bn_add_relu_backward, backward_grads_on_device,
+            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_grads,
             (dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
              residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
              r_training, r_eps, output_mask))

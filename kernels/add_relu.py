@@ -37,14 +37,16 @@ def add_relu_backward_kernel(dy_ptr, y_ptr, g_ptr, numel, BLOCK: tl.constexpr):
 def add_relu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(a + b); a and b dense in the same layout and of the same dtype."""
     y = torch.empty_like(a)
-    if y.numel():
-        add_relu_forward_kernel[(cdiv(y.numel(), ELEMENTWISE_BLOCK),)](a, b, y, y.numel(), BLOCK=ELEMENTWISE_BLOCK)
+    numel = a.numel()
+    if numel:
+        add_relu_forward_kernel[(cdiv(numel, ELEMENTWISE_BLOCK),)](a, b, y, numel, BLOCK=ELEMENTWISE_BLOCK)
     return y
 
 
 def add_relu_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gradient of both inputs; dy and y dense in the same layout."""
     g = torch.empty_like(y)
-    if g.numel():
-        add_relu_backward_kernel[(cdiv(g.numel(), ELEMENTWISE_BLOCK),)](dy, y, g, g.numel(), BLOCK=ELEMENTWISE_BLOCK)
+    numel = y.numel()
+    if numel:
+        add_relu_backward_kernel[(cdiv(numel, ELEMENTWISE_BLOCK),)](dy, y, g, numel, BLOCK=ELEMENTWISE_BLOCK)
     return g

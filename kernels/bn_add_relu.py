@@ -18,8 +18,7 @@ d(weight), d(bias). ``bn_add_relu_backward_dx_kernel`` is one elementwise pass f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -288,8 +287,7 @@ def bn_add_relu_backward_dx_kernel(
 
 
 
-@dataclass
-class ChannelNorm:
+class ChannelNorm(NamedTuple):
     """The per-channel affine of one BatchNorm in a launch.
 
     ``invstd`` holds 1/sqrt(var + eps) (fp32), or the running variance when a kernel is
@@ -309,7 +307,8 @@ def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
 
 def _affine_args(norm: ChannelNorm) -> tuple:
     """mean, invstd, weight, bias pointers of a ChannelNorm (absent ones: unread dummies)."""
-    return norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean)
+    mean, invstd, weight, bias = norm
+    return mean, invstd, mean if weight is None else weight, mean if bias is None else bias
 
 
 def can_mask_from_inputs(residual_mode: int, training: bool, r_training: bool = False) -> bool:
@@ -348,9 +347,7 @@ def bn_add_relu_forward(
     rn = residual_norm if residual_norm is not None else norm
     plan = elementwise_plan(layout)
     bn_add_relu_forward_kernel[plan.grid](
-        x, _or(residual, x), y,
-        norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean),
-        rn.mean, rn.invstd, _or(rn.weight, rn.mean), _or(rn.bias, rn.mean),
+        x, _or(residual, x), y, *_affine_args(norm), *_affine_args(rn),
         plan.num_rows, plan.row_len, layout.C, float(eps), float(r_eps),
         RESIDUAL=mode, FROM_VAR=from_var, R_FROM_VAR=r_from_var,
         HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,

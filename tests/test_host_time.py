@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fused_resnet
 from fused_resnet import backend
@@ -68,3 +69,40 @@ def test_host_time_tool_measures_every_case():
     assert [r["case"] for r in rows] == list(host_time.cases())
     assert all(r["fused_host_us"] > 0 and r["eager_us"] > 0 for r in rows)
     assert backend.use_triton.__module__ == "fused_resnet.backend"  # the stubs are undone
+
+
+@pytest.mark.both
+@pytest.mark.skipif(not TRITON_PATH, reason="the CPU path is eager's own sequence, no op")
+@pytest.mark.parametrize("training", [False, True])
+def test_backward_through_the_op_after_an_eager_forward(training):
+    """An eager forward keeps None where the op returns an empty statistic (eval: all four; training:
+    the residual's). A backward under a dispatch mode goes through the op, which takes them as
+    undefined tensors, and gives eager's gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    rm, rv, nbt = bn_buffers()
+    rm.uniform_(-1, 1), rv.uniform_(0.5, 2)
+    rm0, rv0 = rm.clone(), rv.clone()
+    w = torch.rand(C, device=DEVICE, requires_grad=True)
+    b = torch.rand(C, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, C, 3, 3, device=DEVICE, requires_grad=True)
+    y = fused_resnet.bn_relu(x, rm, rv, w, b, training=training, num_batches_tracked=nbt)
+    dy = torch.randn_like(y)
+    with RecordOps() as mode:
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    assert "fused_resnet.bn_add_relu_backward.default" in mode.ops
+
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = torch.relu(F.batch_norm(leaves[0], rm0.double(), rv0.double(), leaves[1], leaves[2], training))
+    ref_grads = torch.autograd.grad(ref, leaves, dy.double())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)  # fp32 kernels vs float64
