@@ -150,7 +150,8 @@ def dgrad_wgrad_tiles(N: int, K: int, N2: int, dtype: torch.dtype, target, preci
         # alike (AOT, sm_90a): the two kernels instead, whose dots are wgmma.
         return None
     # Triton 3.6 gives the 256-wide prologue case (layer1's conv3) 255 registers and 8
-    # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a).
+    # bytes of spill with two stages; one stage compiles to 248 and none (AOT, sm_90a, bf16
+    # and fp16 alike, re-checked after TF32 left this kernel; 3.8: 254-255 and none with either).
     stages = 1 if (prologue and block_n >= 256 and _TRITON_BEFORE_3_7) else 2
     return GemmTiles(64, block_n, block_k, 1, 8, stages)
 
