@@ -17,7 +17,7 @@ import fused_resnet
 from fused_resnet import backend
 from fused_resnet.conv1x1_bn import bn_relu_conv1x1, conv1x1_bn_relu
 from fused_resnet import sync_batchnorm as sync_module
-from fused_resnet.kernels import conv1x1_bn as conv_kernels
+from fused_resnet.kernels.conv1x1_bn import plans as conv_kernels
 from fused_resnet.kernels.bn_stats import bn_stats_partial_kernel
 from fused_resnet.nn import FusedConvBottleneck
 

@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from fused_resnet import conv1x1_bn as gemm
+from fused_resnet.conv1x1_bn import ops as gemm
 from fused_resnet.nn import FusedConvBottleneck
 from reference import DEVICE, TRITON_PATH
 

@@ -366,7 +366,7 @@ class FusedResidual(_FusedResidualBlock):
 #
 # :class:`FusedConvBottleneck` is :class:`FusedBottleneck` (torchvision's ``Bottleneck``:
 # same constructor, submodules, parameters, buffers and state_dict keys) whose forward, on
-# the Triton path with a channels_last input, runs ``fused_resnet/conv1x1_bn.py``'s ops:
+# the Triton path with a channels_last input, runs ``fused_resnet/conv1x1_bn/``'s ops:
 #
 # training (every BatchNorm on batch statistics)
 #     conv1 writes y1 and its statistics (bn1's running statistics updated there);

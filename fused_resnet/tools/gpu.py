@@ -83,7 +83,7 @@ class GpuSettings:
     kernel_stages: Optional[tuple] = None  # None: every stage
     kernel_warmup: int = 3
     kernel_iters: int = 20
-    conv1x1_shapes: Optional[tuple] = None  # None: kernels/conv1x1_bn.py RESNET50_CONV1X1
+    conv1x1_shapes: Optional[tuple] = None  # None: kernels/conv1x1_bn/plans.py RESNET50_CONV1X1
     conv1x1_dtypes: tuple = ("bfloat16", "float32")
     # Stages whose Bottlenecks the fuse_convolutions variant changes (stem has no 1x1 convolution).
     fused_conv_stages: tuple = ("layer1", "layer2", "layer3", "layer4")

@@ -294,19 +294,19 @@ class LaunchRecorder(TorchDispatchMode):
 def plans_of(device: DeviceModel) -> Iterator[None]:
     """Meta tensors take the Triton path with ``device``'s launch plans."""
     from fused_resnet import backend
-    from fused_resnet.kernels import conv1x1_bn
     from fused_resnet.kernels.aot import TARGETS
+    from fused_resnet.kernels.conv1x1_bn import plans as conv1x1_plans  # where every launcher looks target_of up
 
     target = TARGETS[device.target]
-    use_triton, target_of, autocast = backend.use_triton, conv1x1_bn.target_of, torch.is_autocast_enabled
+    use_triton, target_of, autocast = backend.use_triton, conv1x1_plans.target_of, torch.is_autocast_enabled
     backend.use_triton = lambda t: (t.device.type == "meta" and t.dtype != torch.float64) or use_triton(t)
-    conv1x1_bn.target_of = lambda dev: target if torch.device(dev).type == "meta" else target_of(dev)
+    conv1x1_plans.target_of = lambda dev: target if torch.device(dev).type == "meta" else target_of(dev)
     # autocast has no meta device type (and is off in the audit)
     torch.is_autocast_enabled = lambda *a: False if a and str(a[0]) == "meta" else autocast(*a)
     try:
         yield
     finally:
-        backend.use_triton, conv1x1_bn.target_of, torch.is_autocast_enabled = use_triton, target_of, autocast
+        backend.use_triton, conv1x1_plans.target_of, torch.is_autocast_enabled = use_triton, target_of, autocast
 
 
 def _stage_hooks(model: torch.nn.Module, recorder: LaunchRecorder) -> list:

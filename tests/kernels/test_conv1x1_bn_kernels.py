@@ -1,4 +1,4 @@
-"""The 1x1-convolution GEMM kernels themselves (kernels/conv1x1_bn.py): the prologue's
+"""The 1x1-convolution GEMM kernels themselves (kernels/conv1x1_bn/): the prologue's
 activation is bitwise the materialised one, the statistics merge survives a large mean,
 the dgrad's accumulate, the wgrad's split over M, both in one pass, and the tile rules."""
 from __future__ import annotations
@@ -87,20 +87,20 @@ def test_split_sum_levels_fill_the_gpu_and_add_in_a_fixed_order(monkeypatch):
     PLAN_PROGRAMS programs and the last reads under SMALL_PASS_BYTES; a sum through three
     levels or more (the constants shrunk to a small case) equals float64's to fp32 rounding, and
     twice the same bits."""
-    from fused_resnet.kernels import conv1x1_bn
+    from fused_resnet.kernels.conv1x1_bn import partials as conv1x1_partials
 
-    assert conv1x1_bn.combining_levels(12544, 3 * 64 * 4, 3) == [142, 89]
-    assert conv1x1_bn.combining_levels(100, 4096, 300) == [100]  # the column blocks alone fill it
-    monkeypatch.setattr(conv1x1_bn, "PLAN_PROGRAMS", 6)
-    monkeypatch.setattr(conv1x1_bn, "SMALL_PASS_BYTES", 200)
+    assert conv1x1_partials.combining_levels(12544, 3 * 64 * 4, 3) == [142, 89]
+    assert conv1x1_partials.combining_levels(100, 4096, 300) == [100]  # the column blocks alone fill it
+    monkeypatch.setattr(conv1x1_partials, "PLAN_PROGRAMS", 6)
+    monkeypatch.setattr(conv1x1_partials, "SMALL_PASS_BYTES", 200)
     rows, numel = 37, 90
-    levels = conv1x1_bn.combining_levels(rows, numel * 4, 2)
+    levels = conv1x1_partials.combining_levels(rows, numel * 4, 2)
     assert len(levels) >= 3 and levels[-1] <= 2, levels
     partials = torch.randn(rows, numel, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     sums = []
     for _ in range(2):
         out = torch.empty(numel, device=DEVICE)
-        conv1x1_bn._split_sum(partials, out, rows, numel, None)
+        conv1x1_partials._split_sum(partials, out, rows, numel, None)
         sums.append(out.cpu())
     assert torch.equal(sums[0], sums[1])
     torch.testing.assert_close(sums[0].double(), partials.cpu().double().sum(0), rtol=1e-5, atol=1e-5)
