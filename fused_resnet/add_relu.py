@@ -25,7 +25,7 @@ def _add_relu(a: Tensor, b: Tensor) -> Tensor:
 
 
 add_relu_op = torch.library.custom_op("fused_resnet::add_relu", mutates_args=())(
-    backend.launches_on_input_device(_add_relu))
+    backend.op_implementation(_add_relu))
 
 
 @add_relu_op.register_fake
@@ -34,7 +34,7 @@ def _(a, b):
 
 
 @torch.library.custom_op("fused_resnet::add_relu_backward", mutates_args=())
-@backend.launches_on_input_device
+@backend.op_implementation
 def add_relu_backward_op(dy: Tensor, y: Tensor) -> Tensor:
     if not backend.use_triton(y):
         return torch.ops.aten.threshold_backward(dy, y, 0)

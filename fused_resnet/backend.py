@@ -85,18 +85,25 @@ def launch_device(t: torch.Tensor):
     return _NO_DEVICE_GUARD
 
 
-def launches_on_input_device(op: Callable) -> Callable:
-    """Decorates an op's implementation: its launches run under its first argument's device
-    (``launch_device``), whatever device is current when it is called."""
+def op_implementation(work: Callable, empty_dtype: Optional[Callable[[torch.Tensor], torch.dtype]] = None) -> Callable:
+    """What ``torch.library`` registers for an op whose eager calls run ``work`` itself (``call_op``):
+    ``work`` with its launches under its first argument's device (``launch_device``),
+    whatever device is current when it is called, and each output ``work`` leaves None
+    (nothing an eager caller would read) as an empty tensor, since a custom op cannot return
+    None: of ``empty_dtype(x)``, by default x's dtype, as the op's fake returns it."""
 
-    @functools.wraps(op)
-    def on_input_device(x, *args, **kwargs):
+    @functools.wraps(work)
+    def implementation(x, *args, **kwargs):
         with launch_device(x):
-            return op(x, *args, **kwargs)
+            out = work(x, *args, **kwargs)
+        if isinstance(out, tuple) and not all(t is not None for t in out):
+            empty = x.new_empty((0,), dtype=None if empty_dtype is None else empty_dtype(x))
+            out = tuple(empty.clone() if t is None else t for t in out)
+        return out
 
-    # torch.library infers the op's schema from this signature: the op's own, annotations resolved.
-    on_input_device.__signature__ = inspect.signature(op, eval_str=True)
-    return on_input_device
+    # torch.library infers the op's schema from this signature: work's own, annotations resolved.
+    implementation.__signature__ = inspect.signature(work, eval_str=True)
+    return implementation
 
 
 def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:

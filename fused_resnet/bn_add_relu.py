@@ -105,13 +105,37 @@ def _batch_stats_triton(x, layout, running_mean, running_var, num_batches_tracke
     return ChannelNorm(running_mean, running_var, weight, bias), True, None, None
 
 
-def bn_add_relu_forward_y_and_stats(x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight,
-                                    bias, training, momentum, eps, residual_mode, residual, r_running_mean,
-                                    r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var, r_weight, r_bias,
-                                    r_training, r_momentum, r_eps) -> tuple:
-    """The forward op's work, its arguments in the op's order: (y, mean, invstd, r_mean, r_invstd),
-    a statistic None where the op returns an empty tensor (an eval call allocates nothing
-    it does not return; the op's own implementation fills them in)."""
+def bn_add_relu_forward_implementation(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    eval_mean: Optional[Tensor],
+    eval_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    residual_mode: int,
+    residual: Optional[Tensor],
+    r_running_mean: Optional[Tensor],
+    r_running_var: Optional[Tensor],
+    r_num_batches_tracked: Optional[Tensor],
+    r_eval_mean: Optional[Tensor],
+    r_eval_var: Optional[Tensor],
+    r_weight: Optional[Tensor],
+    r_bias: Optional[Tensor],
+    r_training: bool,
+    r_momentum: Optional[float],
+    r_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, mean, invstd, r_mean, r_invstd); a statistic the op does not compute
+    (eval) is None here and an empty tensor from the op (``backend.op_implementation``).
+
+    A BatchNorm's running statistics come in the mutated ``running_*`` slots in training
+    (updated in place) and in the read-only ``eval_*`` slots in eval (see ``stat_slots``).
+    """
     is_bn = residual_mode == RESIDUAL_BN
     if not training:
         running_mean, running_var = eval_mean, eval_var
@@ -155,56 +179,11 @@ def bn_add_relu_forward_y_and_stats(x, running_mean, running_var, num_batches_tr
     return y, mean, invstd, r_mean, r_invstd
 
 
-def _with_empty_tensors(x: Tensor, outputs: tuple, dtype: Optional[torch.dtype] = None) -> tuple:
-    """An op's outputs: an empty tensor (custom ops cannot return None) for each None."""
-    if None not in outputs:
-        return outputs
-    empty = x.new_empty(_EMPTY, dtype=dtype)
-    return tuple(empty.clone() if t is None else t for t in outputs)
-
-
-@backend.launches_on_input_device
-def bn_add_relu_forward_implementation(
-    x: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    eval_mean: Optional[Tensor],
-    eval_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    momentum: Optional[float],
-    eps: float,
-    residual_mode: int,
-    residual: Optional[Tensor],
-    r_running_mean: Optional[Tensor],
-    r_running_var: Optional[Tensor],
-    r_num_batches_tracked: Optional[Tensor],
-    r_eval_mean: Optional[Tensor],
-    r_eval_var: Optional[Tensor],
-    r_weight: Optional[Tensor],
-    r_bias: Optional[Tensor],
-    r_training: bool,
-    r_momentum: Optional[float],
-    r_eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, mean, invstd, r_mean, r_invstd); the statistics are empty in eval.
-
-    A BatchNorm's running statistics come in the mutated ``running_*`` slots in training
-    (updated in place) and in the read-only ``eval_*`` slots in eval (see ``stat_slots``).
-    """
-    return _with_empty_tensors(x, bn_add_relu_forward_y_and_stats(
-        x, running_mean, running_var, num_batches_tracked, eval_mean, eval_var, weight, bias, training, momentum,
-        eps, residual_mode, residual, r_running_mean, r_running_var, r_num_batches_tracked, r_eval_mean, r_eval_var,
-        r_weight, r_bias, r_training, r_momentum, r_eps))
-
-
 bn_add_relu_forward_op = torch.library.custom_op(
     "fused_resnet::bn_add_relu_forward",
     mutates_args=("running_mean", "running_var", "num_batches_tracked",
                   "r_running_mean", "r_running_var", "r_num_batches_tracked"),
-)(bn_add_relu_forward_implementation)
+)(backend.op_implementation(bn_add_relu_forward_implementation, stats_dtype))
 
 
 @bn_add_relu_forward_op.register_fake
@@ -256,11 +235,34 @@ def _grad_or_none(grad: Optional[Tensor], param: Optional[Tensor], need: bool) -
     return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
-def bn_add_relu_backward_grads(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
-                               residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight,
-                               r_bias, r_training, r_eps, output_mask) -> tuple:
-    """The backward op's work, its arguments in the op's order: (dx, d_residual, d_weight,
-    d_bias, d_r_weight, d_r_bias), None where the op returns an empty tensor (no gradient)."""
+def bn_add_relu_backward_implementation(
+    dy: Tensor,
+    y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    eps: float,
+    residual_mode: int,
+    residual: Optional[Tensor],
+    r_mean: Tensor,
+    r_invstd: Tensor,
+    r_running_mean: Optional[Tensor],
+    r_running_var: Optional[Tensor],
+    r_weight: Optional[Tensor],
+    r_bias: Optional[Tensor],
+    r_training: bool,
+    r_eps: float,
+    output_mask: List[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias); None here (empty from
+    the op) where there is none. ``output_mask`` = [weight, bias, r_weight, r_bias] need a
+    gradient. ``mean`` / ``invstd`` (``r_mean`` / ``r_invstd``) are read only where that
+    normalisation used batch statistics: an eager caller may pass None otherwise."""
     need_w, need_b, need_rw, need_rb = output_mask
     is_bn = residual_mode == RESIDUAL_BN
     # Both branches compute in a dense x's layout, so the gradients have the layout the fake claims.
@@ -299,42 +301,8 @@ def bn_add_relu_backward_grads(dy, y, x, mean, invstd, running_mean, running_var
             _grad_or_none(r_dw, r_weight, need_rw and is_bn), _grad_or_none(r_db, r_bias, need_rb and is_bn))
 
 
-@backend.launches_on_input_device
-def bn_add_relu_backward_implementation(
-    dy: Tensor,
-    y: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    eps: float,
-    residual_mode: int,
-    residual: Optional[Tensor],
-    r_mean: Tensor,
-    r_invstd: Tensor,
-    r_running_mean: Optional[Tensor],
-    r_running_var: Optional[Tensor],
-    r_weight: Optional[Tensor],
-    r_bias: Optional[Tensor],
-    r_training: bool,
-    r_eps: float,
-    output_mask: List[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias); empty = none.
-
-    ``output_mask`` = [weight, bias, r_weight, r_bias] need a gradient.
-    """
-    return _with_empty_tensors(x, bn_add_relu_backward_grads(
-        dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps, residual_mode, residual,
-        r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps, output_mask))
-
-
-bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward",
-                                                  mutates_args=())(bn_add_relu_backward_implementation)
+bn_add_relu_backward_op = torch.library.custom_op("fused_resnet::bn_add_relu_backward", mutates_args=())(
+    backend.op_implementation(bn_add_relu_backward_implementation))
 
 
 @bn_add_relu_backward_op.register_fake
@@ -374,7 +342,7 @@ def bn_add_relu_forward_call(x, running_mean, running_var, num_batches_tracked, 
     slots = stat_slots(training, running_mean, running_var, num_batches_tracked)
     r_slots = stat_slots(r_training, r_running_mean, r_running_var, r_num_batches_tracked)
     return backend.call_op(
-        torch.ops.fused_resnet.bn_add_relu_forward, bn_add_relu_forward_y_and_stats,
+        torch.ops.fused_resnet.bn_add_relu_forward, bn_add_relu_forward_implementation,
         (x, *slots, weight, bias, training, momentum, eps, residual_mode, residual, *r_slots, r_weight, r_bias,
          r_training, r_momentum, r_eps),
         mutated=(slots[:3] if training else ()) + (r_slots[:3] if r_training else ()))
@@ -412,7 +380,7 @@ class BnAddReLUFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         output_mask = [needs[1], needs[2], needs[4], needs[5]]
         dx, d_res, dw, db, r_dw, r_db = backend.call_op(
-            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_grads,
+            torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
             (dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training, eps,
              residual_mode, residual, r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias,
              r_training, r_eps, output_mask))

@@ -181,11 +181,14 @@ def test_cuda_path_makes_no_host_sync():
 @pytest.mark.skipif(not TRITON_PATH, reason="partitions the Triton reductions")
 @pytest.mark.parametrize("target_programs", [1, 3])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_reduction_loops_over_rows_and_spans(monkeypatch, target_programs, channels_last):
+def test_reduction_loops_over_rows_and_spans(monkeypatch, request, target_programs, channels_last):
     """A 70x70 image spans several pixel blocks and spans; few programs each loop over many rows."""
     from fused_resnet.kernels import layout
 
     monkeypatch.setattr(layout, "TARGET_PROGRAMS", target_programs)
+    # Plans are cached per layout: none computed with the real constant, none kept with this one.
+    layout.reduction_plan.cache_clear()
+    request.addfinalizer(layout.reduction_plan.cache_clear)
     plan = layout.reduction_plan(layout.Layout(2, C, 70 * 70, channels_last))
     assert plan.rows_per_program > 1 and plan.blocks_per_span > 1 and plan.spans_per_image > 1
     args = bn_args()

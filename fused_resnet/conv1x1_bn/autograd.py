@@ -187,11 +187,10 @@ class BnAddReLUWithStatsFunction(torch.autograd.Function):
         mode = ctx.residual_mode
         is_bn = mode == RESIDUAL_BN
         needs = ctx.needs_input_grad
-        empty = x.new_empty(_EMPTY, dtype=torch.float32)
         dx, d_res, dw, db, r_dw, r_db = backend.call_op(
             torch.ops.fused_resnet.bn_add_relu_backward, bn_add_relu_backward_implementation,
             (dy, y, x, mean, invstd, None, None, weight, bias, True, 0.0, mode, residual,
-             r_mean if is_bn else empty, r_invstd if is_bn else empty, None, None, r_weight, r_bias, True, 0.0,
+             r_mean if is_bn else None, r_invstd if is_bn else None, None, None, r_weight, r_bias, True, 0.0,
              [needs[1], needs[2], needs[4] and is_bn, needs[5] and is_bn]))
 
         def some(t, need):

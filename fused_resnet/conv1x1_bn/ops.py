@@ -70,7 +70,6 @@ def allow_tf32(dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------- the ops
 
 
-@backend.launches_on_input_device
 def _conv1x1_forward(
     x: Tensor,
     weight: Tensor,
@@ -113,7 +112,7 @@ def _output_shape(x: Tensor, weight: Tensor, stride: int) -> tuple[int, int, int
 
 conv1x1_forward_op = torch.library.custom_op(
     "fused_resnet::conv1x1_forward", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(
-    _conv1x1_forward)
+    backend.op_implementation(_conv1x1_forward))
 
 
 @conv1x1_forward_op.register_fake
@@ -124,12 +123,6 @@ def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p
     return y, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
-def _grad_or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
-    # Custom ops cannot return None: an empty tensor stands for "no gradient".
-    return x.new_empty(_EMPTY) if grad is None else grad
-
-
-@backend.launches_on_input_device
 def _conv1x1_backward(
     dy: Tensor,
     x: Tensor,
@@ -143,8 +136,8 @@ def _conv1x1_backward(
     p_training: bool,
     output_mask: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d_weight, d_bias, d_p_weight, d_p_bias) of ``conv1x1_forward`` (empty = not
-    asked for). ``output_mask`` = [x, weight, bias, p_weight, p_bias] need a gradient.
+    """(dx, d_weight, d_bias, d_p_weight, d_p_bias) of ``conv1x1_forward`` (None here, empty
+    from the op: not asked for). ``output_mask`` = [x, weight, bias, p_weight, p_bias] need a gradient.
     ``p_training``: p_mean / p_invstd are x's batch statistics (their terms enter dx)."""
     _require_triton(x, "conv1x1_backward")
     if _no_pixels(x):
@@ -170,12 +163,11 @@ def _conv1x1_backward(
         else:
             dx, dpw, dpb = conv1x1_prologue_backward(g, partials, x, prologue, p_training, need_pw, need_pb,
                                                      need_input=need_x)
-    return (_grad_or_empty(dx if need_x else None, x), _grad_or_empty(dw if need_w else None, x),
-            _grad_or_empty(db, x), _grad_or_empty(dpw, x), _grad_or_empty(dpb, x))
+    return dx if need_x else None, dw if need_w else None, db, dpw, dpb
 
 
-conv1x1_backward_op = torch.library.custom_op("fused_resnet::conv1x1_backward",
-                                              mutates_args=())(_conv1x1_backward)
+conv1x1_backward_op = torch.library.custom_op("fused_resnet::conv1x1_backward", mutates_args=())(
+    backend.op_implementation(_conv1x1_backward))
 
 
 @conv1x1_backward_op.register_fake
@@ -193,7 +185,6 @@ def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_
             grad(p_bias, need_pb and prologue and p_bias is not None))
 
 
-@backend.launches_on_input_device
 def _conv1x1_pair_backward(
     dy: Tensor,
     dy2: Tensor,
@@ -208,7 +199,8 @@ def _conv1x1_pair_backward(
     """(dx, d_weight, d_bias, d_weight2, d_bias2) of two 1x1 convolutions of the same x
     (stride 1 and ``stride2``): x's gradient in one GEMM over both (stride2 = 1) or with
     the second's gradient added in the first's epilogue, never by a separate pass.
-    ``output_mask`` = [x, weight, bias, weight2, bias2] need a gradient."""
+    ``output_mask`` = [x, weight, bias, weight2, bias2] need a gradient (None here, empty from
+    the op, where not)."""
     _require_triton(x, "conv1x1_pair_backward")
     if _no_pixels(x):
         return _zeroed(_conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2,
@@ -232,12 +224,11 @@ def _conv1x1_pair_backward(
         if need_wgrad2:
             dw2, db2 = conv1x1_wgrad(dy2, x, weight2, stride2, bias_grad=need_b2 and has_bias2,
                                      allow_tf32=tf32)
-    return (_grad_or_empty(dx, x), _grad_or_empty(dw if need_w else None, x), _grad_or_empty(db, x),
-            _grad_or_empty(dw2 if need_w2 else None, x), _grad_or_empty(db2, x))
+    return dx, dw if need_w else None, db, dw2 if need_w2 else None, db2
 
 
-conv1x1_pair_backward_op = torch.library.custom_op("fused_resnet::conv1x1_pair_backward",
-                                                   mutates_args=())(_conv1x1_pair_backward)
+conv1x1_pair_backward_op = torch.library.custom_op("fused_resnet::conv1x1_pair_backward", mutates_args=())(
+    backend.op_implementation(_conv1x1_pair_backward))
 
 
 @conv1x1_pair_backward_op.register_fake
@@ -253,7 +244,6 @@ def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, 
             x.new_empty((weight2.shape[0],)) if (need_b2 and has_bias2) else x.new_empty(_EMPTY))
 
 
-@backend.launches_on_input_device
 def _conv1x1_bn_eval(
     x: Tensor,
     weight: Tensor,
@@ -286,8 +276,8 @@ def _conv1x1_bn_eval(
     return y
 
 
-conv1x1_bn_eval_op = torch.library.custom_op("fused_resnet::conv1x1_bn_eval",
-                                             mutates_args=())(_conv1x1_bn_eval)
+conv1x1_bn_eval_op = torch.library.custom_op("fused_resnet::conv1x1_bn_eval", mutates_args=())(
+    backend.op_implementation(_conv1x1_bn_eval))
 
 
 @conv1x1_bn_eval_op.register_fake
@@ -296,7 +286,6 @@ def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p
     return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
 
 
-@backend.launches_on_input_device
 def _batch_stats(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -316,7 +305,8 @@ def _batch_stats(
 
 
 batch_stats_op = torch.library.custom_op(
-    "fused_resnet::batch_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(_batch_stats)
+    "fused_resnet::batch_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked"))(
+    backend.op_implementation(_batch_stats))
 
 
 @batch_stats_op.register_fake
@@ -325,7 +315,6 @@ def _batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentu
     return x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
 
-@backend.launches_on_input_device
 def _bn_add_relu_with_stats(
     x: Tensor,
     mean: Tensor,
@@ -354,8 +343,8 @@ def _bn_add_relu_with_stats(
     return bn_add_relu_forward(x, layout, ChannelNorm(mean, invstd, weight, bias), 0.0, False, residual, r_norm)
 
 
-bn_add_relu_with_stats_op = torch.library.custom_op("fused_resnet::bn_add_relu_with_stats",
-                                                    mutates_args=())(_bn_add_relu_with_stats)
+bn_add_relu_with_stats_op = torch.library.custom_op("fused_resnet::bn_add_relu_with_stats", mutates_args=())(
+    backend.op_implementation(_bn_add_relu_with_stats))
 
 
 @bn_add_relu_with_stats_op.register_fake

@@ -19,7 +19,7 @@ from ..bn_add_relu import (
     channel_affine,
     relu_grad,
 )
-from ..layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, layout_of
+from ..layout import FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, FINALIZE_WARPS, cdiv, layout_of
 from . import plans
 from .common import (
     ConvGeometry,
@@ -218,13 +218,13 @@ def conv1x1_dgrad(
     warps = 8 if (second is not None and target is not None and target.backend == "cuda" and target.arch == 80) \
         else tiles.num_warps
     tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, warps, tiles.num_stages)
-    num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
+    num_m_tiles = cdiv(geo.M, tiles.block_m)
     partials = (torch.empty((num_m_tiles, 3, geo.C_in), device=x.device, dtype=torch.float32)
                 if prologue is not None else None)
     if geo.M == 0 or geo.C_in == 0:
         return out, partials
     p_w, p_b = _norm_flags(prologue)
-    grid = (num_m_tiles * triton.cdiv(geo.C_in, tiles.block_k),)
+    grid = (num_m_tiles * cdiv(geo.C_in, tiles.block_k),)
     conv1x1_dgrad_kernel[grid](
         dy, weight, out, _or(add, out), x, _or(partials, out), dy2, w2, *_norm_args(prologue, weight),
         geo.M, geo.C_out, geo.C_in, w2.shape[0], *geo.row_args(), weight.stride(0), weight.stride(1),
@@ -262,7 +262,7 @@ def conv1x1_wgrad(
     bias_partials = torch.empty((splits, N), device=x.device, dtype=torch.float32) if bias_grad else None
     p_w, p_b = _norm_flags(prologue)
     if N * K > 0:
-        conv1x1_wgrad_kernel[(triton.cdiv(N, tiles.block_n), triton.cdiv(K, tiles.block_k), splits)](
+        conv1x1_wgrad_kernel[(cdiv(N, tiles.block_n), cdiv(K, tiles.block_k), splits)](
             dy, x, partials, _or(bias_partials, partials), *_norm_args(prologue, weight),
             geo.M, N, K, *geo.row_args(), rows_per_split,
             SAMPLED=geo.sampled, PROLOGUE=prologue is not None, P_HAS_WEIGHT=p_w, P_HAS_BIAS=p_b,
@@ -298,7 +298,7 @@ def conv1x1_prologue_backward(
             total = torch.empty((1, 3, C), device=x.device, dtype=torch.float32)
             _split_sum(partials, total, partials.shape[0], 3 * C, None)
             partials = total
-        bn_add_relu_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+        bn_add_relu_backward_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
             partials, sums, norm.invstd, _or(dw, sums), _or(db, sums), norm.invstd, sums, sums,
             C, partials.shape[0],
             WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=False,

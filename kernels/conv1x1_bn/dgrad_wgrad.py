@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..bn_add_relu import ChannelNorm, channel_affine
+from ..layout import cdiv
 from . import plans
 from .backward import _second_operands, conv1x1_dgrad, conv1x1_wgrad, dgrad_store
 from .common import (
@@ -147,7 +148,7 @@ def conv1x1_dgrad_wgrad(
 
     tiles, splits, rows_per_split = plan
     out = _nhwc_empty(x.shape, x, zeros=geo.sampled)
-    partials = (torch.empty((triton.cdiv(geo.M, tiles.block_m), 3, K), device=x.device, dtype=torch.float32)
+    partials = (torch.empty((cdiv(geo.M, tiles.block_m), 3, K), device=x.device, dtype=torch.float32)
                 if prologue is not None else None)
 
     def fp32(*shape):

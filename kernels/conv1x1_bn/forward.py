@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..bn_add_relu import ChannelNorm, channel_affine, normalize
+from ..layout import cdiv
 from . import plans
 from .common import (
     _check_nhwc,
@@ -129,13 +130,13 @@ def conv1x1_forward(
     if tiles is None:
         tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, *_plan(x.dtype, allow_tf32, target),
                            heavy_epilogue=eval_norm is not None and residual is not None)
-    num_m_tiles = triton.cdiv(geo.M, tiles.block_m)
+    num_m_tiles = cdiv(geo.M, tiles.block_m)
     partials = torch.empty((num_m_tiles, 2, geo.C_out), device=x.device, dtype=torch.float32) if stats else None
     if geo.M == 0 or geo.C_out == 0:
         return y, partials, tiles.block_m
     p_w, p_b = _norm_flags(prologue)
     e_w, e_b = _norm_flags(eval_norm)
-    grid = (num_m_tiles * triton.cdiv(geo.C_out, tiles.block_n),)
+    grid = (num_m_tiles * cdiv(geo.C_out, tiles.block_n),)
     conv1x1_forward_kernel[grid](
         x, weight, _or(bias, weight), y, _or(residual, y), _or(partials, y),
         *_norm_args(prologue, weight), *_norm_args(eval_norm, weight),

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..bn_stats import finalize_stats
-from ..layout import PLAN_PROGRAMS, SMALL_PASS_BYTES
+from ..layout import PLAN_PROGRAMS, SMALL_PASS_BYTES, cdiv
 from .common import _interpreter_bf16, rounded
 
 # split_sum_kernel's tiles hold SPLIT_SUM_TILE elements: BLOCK columns (64 to 1024, enough
@@ -32,7 +32,7 @@ def combining_levels(rows: int, row_bytes: int, col_blocks: int) -> list[int]:
     while rows > 1 and col_blocks < PLAN_PROGRAMS and rows * row_bytes > SMALL_PASS_BYTES:
         group = max(2, rows * col_blocks // PLAN_PROGRAMS)
         levels.append(group)
-        rows = triton.cdiv(rows, group)
+        rows = cdiv(rows, group)
     return levels + [max(rows, 1)]
 
 
@@ -124,10 +124,10 @@ def conv1x1_stats_finalize(
     running statistics as ``bn_stats`` does (its finalize kernel, the same semantics:
     unbiased running variance, momentum=None through num_batches_tracked)."""
     num_tiles, _, C = partials.shape
-    channel_blocks = triton.cdiv(C, STATS_MERGE_BLOCK_C)
+    channel_blocks = cdiv(C, STATS_MERGE_BLOCK_C)
     levels = combining_levels(num_tiles, 2 * C * 4, channel_blocks)
     for tiles_per_group in levels[:-1]:
-        groups = triton.cdiv(num_tiles, tiles_per_group)
+        groups = cdiv(num_tiles, tiles_per_group)
         merged = torch.empty((groups, 2, C), device=partials.device, dtype=torch.float32)
         conv1x1_stats_merge_kernel[(channel_blocks, groups)](
             partials, merged, C, num_tiles, M, tile_rows, tiles_per_group,
@@ -163,10 +163,10 @@ def _split_sum(partials: torch.Tensor, out: torch.Tensor, splits: int, numel: in
     if numel == 0:
         return
     block = max(64, min(1024, 1 << max(numel // PLAN_PROGRAMS, 1).bit_length() - 1))
-    col_blocks = triton.cdiv(numel, block)
+    col_blocks = cdiv(numel, block)
     levels = combining_levels(splits, numel * 4, col_blocks)
     for rows_per_group in levels:
-        groups = triton.cdiv(splits, rows_per_group)
+        groups = cdiv(splits, rows_per_group)
         dest = out if groups == 1 else torch.empty((groups, numel), device=partials.device, dtype=torch.float32)
         split_sum_kernel[(col_blocks, groups)](
             partials, dest, numel, splits, rows_per_group, INTERPRETER_BF16=_interpreter_bf16(dest.dtype, target),

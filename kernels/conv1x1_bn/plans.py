@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from ..layout import PLAN_PROGRAMS
+from ..layout import PLAN_CACHE_SIZE, PLAN_PROGRAMS, cdiv, next_power_of_2
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,14 @@ INTERPRETER_TILES = GemmTiles(16, 16, 16, group_m=4, num_warps=1, num_stages=1)
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
-    return max(low, min(high, triton.next_power_of_2(max(n, 1))))
+    return max(low, min(high, next_power_of_2(max(n, 1))))
 
 
 # The most output rows a forward / dgrad tile takes (the audit's projection needs each tile full).
 GEMM_MAX_BLOCK_M = 128
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: str = "ieee",
                heavy_epilogue: bool = False, b_prologue: bool = False, fill: bool = True) -> GemmTiles:
     """The tiles of an [M, K] x [K, N] GEMM on ``target``, a deterministic rule.
@@ -64,7 +65,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     """
     if target is None:
         return INTERPRETER_TILES
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     cuda = target.backend == "cuda"
     if cuda and dtype == torch.float32 and precision == "ieee":
         return GemmTiles(_pow2_between(M, 16, 64), _pow2_between(N, 16, 64), 16, 8, 8, 2)
@@ -74,7 +75,7 @@ def gemm_tiles(M: int, N: int, K: int, dtype: torch.dtype, target, precision: st
     deep = False
     # A short grid (batch 32, layers 3-4) takes 64-wide tiles before it leaves SMs idle, and
     # then (NVIDIA) a reduction tile twice as deep where K is long: half the dependent steps.
-    while (fill and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < PLAN_PROGRAMS
+    while (fill and cdiv(M, block_m) * cdiv(N, block_n) < PLAN_PROGRAMS
            and max(block_m, block_n) > 64):
         if block_m >= block_n:
             block_m //= 2
@@ -103,14 +104,14 @@ def wgrad_splits(M: int, N: int, K: int, tiles: GemmTiles, size: int, target,
     left 56 programs for 132 SMs; PLAN_PROGRAMS bounds them at batch 256). The interpreter
     splits by rows alone, so small tests combine several splits.
     """
-    out_tiles = triton.cdiv(N, tiles.block_n) * triton.cdiv(K, tiles.block_k)
+    out_tiles = cdiv(N, tiles.block_n) * cdiv(K, tiles.block_k)
     by_programs = max(1, programs // out_tiles)
     by_traffic = (max(1, (M * (N + K) * size) // (8 * partial_share * N * K)) if target is not None
                   else by_programs)
-    by_rows = max(1, triton.cdiv(M, tiles.block_m))
+    by_rows = max(1, cdiv(M, tiles.block_m))
     splits = min(by_programs, by_traffic, by_rows)
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), tiles.block_m) * tiles.block_m
-    return triton.cdiv(M, rows_per_split) if M > 0 else 1, rows_per_split
+    rows_per_split = cdiv(cdiv(M, splits), tiles.block_m) * tiles.block_m
+    return cdiv(M, rows_per_split) if M > 0 else 1, rows_per_split
 
 
 _TRITON_BEFORE_3_7 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
@@ -160,23 +161,25 @@ def dgrad_wgrad_block_n2(N2: int) -> int:
     return _pow2_between(N2, 16, 256)
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def wgrad_plan(M: int, N: int, K: int, dtype: torch.dtype, target, precision: str = "ieee",
                prologue: bool = False) -> tuple[GemmTiles, int, int]:
     """(tiles, num_splits, rows_per_split) of ``conv1x1_wgrad`` for C_out = N, C_in = K
     over M rows: output tile [BLOCK_N, BLOCK_K] = (C_out, C_in), reduction over M in
     BLOCK_M rows."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     # Whole tiles split over M where that fills the GPU (compute-bound layers 3-4 at batch
     # 256), else the short grid's smaller tiles too (batch 32).
     for fill in (False, True):
         t = gemm_tiles(N, K, M, dtype, target, precision, b_prologue=prologue, fill=fill)
         tiles = GemmTiles(t.block_k, t.block_m, t.block_n, t.group_m, t.num_warps, t.num_stages)
         splits, rows_per_split = wgrad_splits(M, N, K, tiles, size, target)
-        if triton.cdiv(N, tiles.block_n) * triton.cdiv(K, tiles.block_k) * splits >= PLAN_PROGRAMS // 2:
+        if cdiv(N, tiles.block_n) * cdiv(K, tiles.block_k) * splits >= PLAN_PROGRAMS // 2:
             break
     return tiles, splits, rows_per_split
 
 
+@functools.lru_cache(maxsize=PLAN_CACHE_SIZE)
 def dgrad_wgrad_plan(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target, precision: str = "ieee",
                      prologue: bool = False) -> Optional[tuple[GemmTiles, int, int]]:
     """(tiles, num_splits, rows_per_split) of ``conv1x1_dgrad_wgrad_kernel``, or None
@@ -185,7 +188,7 @@ def dgrad_wgrad_plan(M: int, N: int, K: int, N2: int, dtype: torch.dtype, target
     tiles = dgrad_wgrad_tiles(N, K, N2, dtype, target, precision, prologue)
     if tiles is None or M == 0 or K == 0:
         return None
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return (tiles, *wgrad_splits(M, N + N2, K, GemmTiles(tiles.block_m, N + N2, K), size, target,
                                  programs=DGRAD_WGRAD_PROGRAMS))
 
