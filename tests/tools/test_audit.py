@@ -133,12 +133,12 @@ def test_plan_choice_scales_when_no_plan_field_changes_traffic():
 
 def test_plan_choice_measures_with_the_real_shapes_plan_when_it_changes_traffic(monkeypatch):
     # Pretend the pixel tile changed traffic: 64 pixels at 56x56, 16 at 4x4, 64 again at 8x8.
-    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("block_hw",), "elementwise": ()})
+    monkeypatch.setattr(audit.plans, "TRAFFIC_PLAN_FIELDS", {"reduction": ("block_hw",), "elementwise": ()})
     choice = audit.plan_choice("bn_relu", (256, 64, 56, 56))
     assert choice.basis == "real_plan" and choice.measured_shape == (2, 64, 8, 8)
     assert choice.measured_plans["reduction"]["block_hw"] == choice.real_plans["reduction"]["block_hw"]
     # No shape within MAX_MATCHED_ELEMENTS at batch 2 gets 20 rows a program: the figure is flagged, not trusted.
-    monkeypatch.setattr(audit, "TRAFFIC_PLAN_FIELDS", {"reduction": ("rows_per_program",), "elementwise": ()})
+    monkeypatch.setattr(audit.plans, "TRAFFIC_PLAN_FIELDS", {"reduction": ("rows_per_program",), "elementwise": ()})
     assert audit.plan_choice("bn_relu", (256, 64, 56, 56)).basis == "unmatched"
 
 
@@ -218,7 +218,7 @@ def test_conv_stages_sum_each_stages_blocks(monkeypatch):
         return [audit.ProjectedBlockAudit(p, (batch, block.conv1.in_channels, shape_hw, shape_hw), (), dtype, plan,
                                           1.0, 2.0, 0.0, {}, {}) for p in audit.CONV_BLOCK_TARGETS]
 
-    monkeypatch.setattr(audit, "project_conv_block", fake)
+    monkeypatch.setattr(audit.projection, "project_conv_block", fake)
     stages, blocks = audit.project_conv_stages("resnet50", 8, 64)
     assert len(blocks) == len(calls) == 8  # layer1: first, the rest; layer2..4: the strided first, the rest
     assert calls[:3] == [(64, 1, 16), (256, 1, 16), (256, 2, 16)]
