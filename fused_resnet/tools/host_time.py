@@ -24,28 +24,22 @@ SHAPE = (2, 8, 4, 4)
 
 
 @contextlib.contextmanager
-def triton_path_with_stubbed_launches(plain_int_helpers: bool = False) -> Iterator[None]:
-    """Within the block CPU tensors take the Triton path and no kernel runs. ``plain_int_helpers``:
-    the launchers' host calls of ``triton.cdiv`` / ``triton.next_power_of_2`` (constexpr
-    functions, microseconds a call on the host) are plain integer arithmetic, to project what
-    launch plans computed that way would cost."""
-    import triton
-
+def triton_path_with_stubbed_launches() -> Iterator[None]:
+    """Within the block CPU tensors take the Triton path and no kernel runs: a launch goes
+    through Triton's ``kernel[grid](...)`` call and stops where the real one would bind its
+    arguments and enqueue the kernel."""
     from fused_resnet import backend
     from fused_resnet.kernels.add_relu import add_relu_forward_kernel
 
     # Every kernel is one class: JITFunction, or InterpretedFunction under TRITON_INTERPRET=1.
     kernel_class = type(add_relu_forward_kernel)
-    saved = backend.use_triton, kernel_class.run, triton.cdiv, triton.next_power_of_2
+    saved = backend.use_triton, kernel_class.run
     backend.use_triton = lambda t: t.dtype != torch.float64
     kernel_class.run = lambda self, *args, grid, warmup, **kwargs: None
-    if plain_int_helpers:
-        triton.cdiv = lambda a, b: -(-a // b)
-        triton.next_power_of_2 = lambda n: 1 << (n - 1).bit_length() if n > 0 else 1
     try:
         yield
     finally:
-        backend.use_triton, kernel_class.run, triton.cdiv, triton.next_power_of_2 = saved
+        backend.use_triton, kernel_class.run = saved
 
 
 def per_call_us(fn: Callable[[], object], repeats: int, rounds: int = 7) -> float:
@@ -130,6 +124,10 @@ def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
             "conv1x1_bn_relu train fwd+bwd": (step(fused_conv_train), step(eager_conv_train))}
 
 
+# The issue's bound on an op call's host time: within this factor of eager's dispatch.
+TARGET_RATIO = 1.5
+
+
 def measure(repeats: int = 1000) -> list[dict]:
     """Per case: fused host time (launches stubbed), eager time, their ratio; CPU, one thread."""
     threads = torch.get_num_threads()
@@ -140,11 +138,7 @@ def measure(repeats: int = 1000) -> list[dict]:
             eager_us = per_call_us(eager, repeats)
             with triton_path_with_stubbed_launches():
                 fused_us = per_call_us(fused, repeats)
-            with triton_path_with_stubbed_launches(plain_int_helpers=True):
-                plain_us = per_call_us(fused, repeats)
-            rows.append({"case": name, "fused_host_us": fused_us, "eager_us": eager_us,
-                         "ratio": fused_us / eager_us, "fused_plain_int_us": plain_us,
-                         "ratio_plain_int": plain_us / eager_us})
+            rows.append({"case": name, "fused_host_us": fused_us, "eager_us": eager_us, "ratio": fused_us / eager_us})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -154,12 +148,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1000)
     args = parser.parse_args(argv)
-    print(f"CPU, one thread, input {'x'.join(map(str, SHAPE))} fp32; fused: Triton path, launches stubbed")
-    print("  'int plans': the same with triton.cdiv / next_power_of_2 as plain integer arithmetic on the host")
-    print(f"{'case':<32}{'fused us':>10}{'eager us':>10}{'fused/eager':>13}{'int plans us':>14}{'ratio':>7}")
+    print(f"CPU, one thread, input {'x'.join(map(str, SHAPE))} fp32; fused: Triton path, launches stubbed;"
+          f" target: fused/eager <= {TARGET_RATIO}")
+    print(f"{'case':<32}{'fused us':>10}{'eager us':>10}{'fused/eager':>13}")
     for row in measure(args.repeats):
-        print(f"{row['case']:<32}{row['fused_host_us']:>10.1f}{row['eager_us']:>10.1f}{row['ratio']:>13.2f}"
-              f"{row['fused_plain_int_us']:>14.1f}{row['ratio_plain_int']:>7.2f}")
+        verdict = "" if row["ratio"] <= TARGET_RATIO else "  over"
+        print(f"{row['case']:<32}{row['fused_host_us']:>10.1f}{row['eager_us']:>10.1f}{row['ratio']:>13.2f}{verdict}")
 
 
 if __name__ == "__main__":
