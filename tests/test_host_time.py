@@ -106,3 +106,20 @@ def test_backward_through_the_op_after_an_eager_forward(training):
     ref_grads = torch.autograd.grad(ref, leaves, dy.double())
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)  # fp32 kernels vs float64
+
+
+@pytest.mark.both
+@pytest.mark.skipif(not TRITON_PATH, reason="the CPU path is eager's own sequence, no op")
+def test_eager_call_under_inference_mode_updates_inference_buffers():
+    """Buffers made under inference_mode have no version counter: the eager call's bump leaves them
+    alone (as the dispatcher does) and the running statistics are still updated as F.batch_norm's."""
+    with torch.inference_mode():
+        rm, rv, nbt = bn_buffers()
+        x = torch.randn(4, C, 3, 3, device=DEVICE)
+        y = fused_resnet.bn_relu(x, rm, rv, training=True, num_batches_tracked=nbt)
+    ref_rm, ref_rv = torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)
+    ref = torch.relu(F.batch_norm(x, ref_rm, ref_rv, training=True))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rm, ref_rm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, ref_rv, rtol=1e-5, atol=1e-6)
+    assert nbt.item() == 1
