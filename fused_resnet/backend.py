@@ -45,14 +45,29 @@ def interpreter_incompatibility() -> Optional[str]:
 standard_ops_depth = 0
 
 
+@functools.lru_cache(maxsize=None)
+def _onnx_export_flag() -> Callable[[], bool]:
+    """``torch.onnx.is_in_onnx_export`` without its two imports per call (1.6 us on every op
+    call of a process that imported torch.onnx, as torchvision and timm do): the two flags it
+    reads, where this torch keeps them where 2.11 to 2.14 do; else the function itself."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return sys.modules["torch.onnx"].is_in_onnx_export
+    if not (hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export")):
+        return sys.modules["torch.onnx"].is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
 def standard_ops_wanted() -> bool:
     """True while the ops must be recorded as ATen's sequence: inside ``standard_ops()``, or
     during ``torch.onnx.export`` (both exporters set ``is_in_onnx_export``; ONNX has no
     translation of the fused ops)."""
     if standard_ops_depth:
         return True
-    onnx = sys.modules.get("torch.onnx")  # not imported: certainly not exporting
-    return onnx is not None and onnx.is_in_onnx_export()
+    # torch.onnx not imported: certainly not exporting.
+    return "torch.onnx" in sys.modules and _onnx_export_flag()()
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -50,3 +50,20 @@ def test_interpreter_path_refuses_incompatible_numpy_clearly(versions, monkeypat
 def test_cpu_tensors_take_the_pytorch_path_without_the_interpreter(monkeypatch):
     monkeypatch.setattr(backend, "INTERPRET", False)
     assert backend.use_triton(torch.zeros(1)) is False
+
+
+def test_onnx_export_flag_reads_what_is_in_onnx_export_reads(monkeypatch):
+    """The cached read of the exporters' flags (no imports per op call) agrees with
+    ``torch.onnx.is_in_onnx_export`` for each exporter's flag."""
+    import torch.onnx
+    from torch.onnx._internal.exporter import _flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    flag = backend._onnx_export_flag()
+    assert flag() is False and torch.onnx.is_in_onnx_export() is False
+    assert not backend.standard_ops_wanted()
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", True)
+    assert flag() and torch.onnx.is_in_onnx_export() and backend.standard_ops_wanted()
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", False)
+    monkeypatch.setattr(GLOBALS, "in_onnx_export", True)
+    assert flag() and torch.onnx.is_in_onnx_export() and backend.standard_ops_wanted()

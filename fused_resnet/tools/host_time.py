@@ -58,6 +58,8 @@ def per_call_us(fn: Callable[[], object], repeats: int, rounds: int = 7) -> floa
 
 def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
     """name -> (fused call, eager call) on tiny CPU tensors."""
+    import torch.onnx  # noqa: F401 - imported in a user's process (torchvision and timm import it): the ops check its export flag
+
     import fused_resnet
 
     C = SHAPE[1]
