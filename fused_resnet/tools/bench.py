@@ -356,6 +356,10 @@ def format_table(results: Sequence[CaseResult], info: dict) -> str:
     """Images/s per stage for each variant, and fused's speedup over eager and compile."""
     header = ["model", "stage", "mode", "dtype", "format", "batch", "input", "eager img/s", "fused img/s",
               "compile img/s", "fused/eager", "fused/compile"]
+    # With graph variants (--graphs): fused/eager both replayed, and the host's share of each plain step.
+    graphs = any("fused_graph" in r.variants for r in results)
+    if graphs:
+        header += ["graphed fused/eager", "host share eager", "host share fused"]
     rows = []
     for r in results:
         rows.append([r.model, r.stage, MODE_LABELS[r.mode], r.dtype, r.memory_format, r.batch,
@@ -364,6 +368,10 @@ def format_table(results: Sequence[CaseResult], info: dict) -> str:
                      format_figure(r.images_per_s("compile"), ",.0f"),
                      format_figure(r.speedup("fused", "eager"), ".2f"),
                      format_figure(r.speedup("fused", "compile"), ".2f")])
+        if graphs:
+            rows[-1] += [format_figure(r.speedup("fused_graph", "eager_graph"), ".2f")] + [
+                format_figure(host_share(r.images_per_s(base), r.images_per_s(f"{base}_graph")), ".0%")
+                for base in ("eager", "fused")]
     notes = sorted({f"{name}: {m.skipped}" for r in results for name, m in r.variants.items() if m.skipped})
     text = [device_banner(info), render_table(header, rows)]
     if notes:

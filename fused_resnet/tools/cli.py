@@ -196,6 +196,8 @@ def bench_config(args) -> BenchConfig:
     if args.compile is not None:
         wanted = {"eager", "fused"} | ({"compile"} if args.compile else set())
         config.variants = [v for v in VARIANTS if v in wanted]
+    if args.graphs:
+        config.variants = [*config.variants, "eager_graph", "fused_graph"]
     return config
 
 
@@ -394,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", type=_device, help="cpu or cuda[:N] (default: cuda when available)")
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="also time torch.compile of the eager model (default: on a GPU only)")
+    bench.add_argument("--graphs", action="store_true",
+                       help="also time eager and fused replayed from CUDA graphs: what the host's share of a step is "
+                            "(CUDA only; skipped, said so, elsewhere)")
     bench.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                        help="also time the fused ops alone and report GB/s (default: on a GPU only)")
     bench.add_argument("--warmup", type=_int_at_least(0), help="untimed calls before timing")

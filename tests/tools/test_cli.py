@@ -86,6 +86,19 @@ def test_bench_writes_the_table_json_and_chart(tmp_path, capsys):
     assert png_path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_graphs_adds_the_graph_variants_skipped_without_cuda(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", "resnet18", "--stages", "stem", "--modes", "eval", "--iters", "1",
+                     "--warmup", "0", "--graphs", "--json", str(json_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "graphed fused/eager" in out and "host share fused" in out
+    assert "eager_graph: no CUDA" in out and "fused_graph: no CUDA" in out
+    data = json.loads(json_path.read_text())
+    assert data["settings"]["variants"] == ["eager", "fused", "eager_graph", "fused_graph"]
+    (result,) = data["results"]
+    assert result["variants"]["fused_graph"]["skipped"] == "no CUDA" and result["variants"]["fused"]["seconds"]
+
+
 def test_demo_runs_check_audit_and_a_short_bench(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
