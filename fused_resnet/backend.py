@@ -111,7 +111,7 @@ def op_implementation(work: Callable, empty_dtype: Optional[Callable[[torch.Tens
     def implementation(x, *args, **kwargs):
         with launch_device(x):
             out = work(x, *args, **kwargs)
-        if isinstance(out, tuple) and not all(t is not None for t in out):
+        if isinstance(out, tuple) and any(t is None for t in out):
             empty = x.new_empty((0,), dtype=None if empty_dtype is None else empty_dtype(x))
             out = tuple(empty.clone() if t is None else t for t in out)
         return out

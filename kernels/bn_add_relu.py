@@ -285,8 +285,6 @@ def bn_add_relu_backward_dx_kernel(
         tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)
 
 
-
-
 class ChannelNorm(NamedTuple):
     """The per-channel affine of one BatchNorm in a launch.
 

@@ -16,7 +16,6 @@ from ..bn_add_relu import _momentum_factor, bn_add_relu, bn_add_relu_backward_im
 from ..kernels import RESIDUAL_ADD, RESIDUAL_BN, RESIDUAL_NONE
 from ..validation import check_activation, check_batch_norm_args, check_like
 from .ops import (
-    _EMPTY,
     _batch_stats,
     _bn_add_relu_with_stats,
     _conv1x1_backward,

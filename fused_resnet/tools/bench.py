@@ -265,9 +265,13 @@ class CaseResult:
         out["speedup_fused_over_eager"] = self.speedup("fused", "eager")
         out["speedup_fused_over_compile"] = self.speedup("fused", "compile")
         out["speedup_fused_over_eager_graphed"] = self.speedup("fused_graph", "eager_graph")
-        out["host_share"] = {base: host_share(self.images_per_s(base), self.images_per_s(graph))
-                             for graph, base in GRAPH_VARIANTS.items() if graph in self.variants}
+        out["host_share"] = self.host_shares()
         return out
+
+    def host_shares(self) -> dict[str, Optional[float]]:
+        """base variant -> :func:`host_share` of its step, for each graph variant this case ran."""
+        return {base: host_share(self.images_per_s(base), self.images_per_s(graph))
+                for graph, base in GRAPH_VARIANTS.items() if graph in self.variants}
 
 
 def prepare_variant(cache: ModelCache, variant: str, model: str, stage: str, dtype: str, memory_format: str,
@@ -369,9 +373,9 @@ def format_table(results: Sequence[CaseResult], info: dict) -> str:
                      format_figure(r.speedup("fused", "eager"), ".2f"),
                      format_figure(r.speedup("fused", "compile"), ".2f")])
         if graphs:
+            shares = r.host_shares()
             rows[-1] += [format_figure(r.speedup("fused_graph", "eager_graph"), ".2f")] + [
-                format_figure(host_share(r.images_per_s(base), r.images_per_s(f"{base}_graph")), ".0%")
-                for base in ("eager", "fused")]
+                format_figure(shares.get(base), ".0%") for base in ("eager", "fused")]
     notes = sorted({f"{name}: {m.skipped}" for r in results for name, m in r.variants.items() if m.skipped})
     text = [device_banner(info), render_table(header, rows)]
     if notes:

@@ -14,6 +14,7 @@ import triton.language as tl
 from ..bn_add_relu import (
     RESIDUAL_NONE,
     ChannelNorm,
+    _or,
     bn_add_relu_backward_dx,
     bn_add_relu_backward_finalize_kernel,
     channel_affine,
@@ -28,7 +29,6 @@ from .common import (
     _norm_args,
     _norm_flags,
     _nhwc_empty,
-    _or,
     bn_relu_operand,
     geometry_of,
     grouped_tile,

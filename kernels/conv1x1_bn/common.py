@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..bn_add_relu import ChannelNorm, normalize
+from ..bn_add_relu import ChannelNorm, _affine_args, normalize
 
 # ------------------------------------------------------------------------------ kernel helpers
 
@@ -130,15 +130,9 @@ def _nhwc_empty(shape, like: torch.Tensor, zeros: bool = False) -> torch.Tensor:
     return make(shape, device=like.device, dtype=like.dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _or(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
-    # Triton needs a pointer for every argument; the flags keep the dummy unread.
-    return fallback if t is None else t
-
-
 def _norm_args(norm: Optional[ChannelNorm], fallback: torch.Tensor) -> tuple:
-    if norm is None:
-        return fallback, fallback, fallback, fallback
-    return norm.mean, norm.invstd, _or(norm.weight, norm.mean), _or(norm.bias, norm.mean)
+    """``_affine_args`` of an optional norm: all four pointers the unread ``fallback`` without one."""
+    return (fallback,) * 4 if norm is None else _affine_args(norm)
 
 
 def _norm_flags(norm: Optional[ChannelNorm]) -> tuple[bool, bool]:

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..bn_add_relu import ChannelNorm, channel_affine
+from ..bn_add_relu import ChannelNorm, _or, channel_affine
 from ..layout import cdiv
 from . import plans
 from .backward import _second_operands, conv1x1_dgrad, conv1x1_wgrad, dgrad_store
@@ -19,7 +19,6 @@ from .common import (
     _norm_args,
     _norm_flags,
     _nhwc_empty,
-    _or,
     bn_relu_operand,
     geometry_of,
     mma,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..bn_add_relu import ChannelNorm, channel_affine, normalize
+from ..bn_add_relu import ChannelNorm, _or, channel_affine, normalize
 from ..layout import cdiv
 from . import plans
 from .common import (
@@ -18,7 +18,6 @@ from .common import (
     _norm_args,
     _norm_flags,
     _nhwc_empty,
-    _or,
     bn_relu_operand,
     geometry_of,
     grouped_tile,
