@@ -107,7 +107,7 @@ def split_sum_kernel(partial_ptr, out_ptr, numel, num_rows, rows_per_group,
              mask=mask)
 
 
-# ---------------------------------------------------------------------------- tile rule
+# ---------------------------------------------------------------------------- launchers
 
 
 def conv1x1_stats_finalize(
