@@ -124,8 +124,11 @@ def op_implementation(work: Callable, empty_dtype: Optional[Callable[[torch.Tens
 def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether an op call goes through its autograd Function: a gradient is wanted, or
     ``torch.jit.trace`` is recording (its check run, without gradients, must record the same graph)."""
-    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) or bool(
-        torch._C._get_tracing_state())
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any(<generator>): this runs on every op call
+            if t is not None and t.requires_grad:
+                return True
+    return bool(torch._C._get_tracing_state())
 
 
 def eager_call(x: torch.Tensor) -> bool:

@@ -387,8 +387,8 @@ def bn_add_relu_backward_sums(
     d_res = torch.empty_like(x) if residual_mode == RESIDUAL_ADD else None
     plan = reduction_plan(layout)
     stride_n, stride_c, stride_hw = layout.strides
-    partials = torch.empty((plan.num_partials, 3, C), device=x.device, dtype=torch.float32)
-    sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
+    partials = torch.empty(plan.num_partials, 3, C, device=x.device, dtype=torch.float32)
+    sums = torch.empty(3, C, device=x.device, dtype=torch.float32)
     bn_add_relu_backward_reduce_kernel[plan.grid](
         dy, y, x, _or(residual, x), _or(d_res, x), partials,
         *_affine_args(norm), *_affine_args(rn),

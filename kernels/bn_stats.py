@@ -150,7 +150,7 @@ def bn_stats(
     """
     plan = reduction_plan(layout, 2)
     stride_n, stride_c, stride_hw = layout.strides
-    partials = torch.empty((plan.num_partials, 2, layout.C), device=x.device, dtype=torch.float32)
+    partials = torch.empty(plan.num_partials, 2, layout.C, device=x.device, dtype=torch.float32)
     bn_stats_partial_kernel[plan.grid](
         x, partials,
         layout.N, layout.C, layout.HW, stride_n, stride_c, stride_hw,
@@ -180,9 +180,10 @@ def finalize_stats(
     sums; channel c's shift is ``shift[c * stride_shift]``) over ``count`` values each,
     updating the running statistics as ``nn.BatchNorm2d`` does. One launch of
     ``bn_stats_finalize_kernel``; shared by every producer of such partials."""
-    mean = torch.empty(C, device=partials.device, dtype=torch.float32)
-    invstd = torch.empty_like(mean)
-    var = torch.empty_like(mean) if return_var else mean
+    # fp32 like the partials; new_empty with an int size is the cheapest allocation on the host.
+    mean = partials.new_empty(C)
+    invstd = partials.new_empty(C)
+    var = partials.new_empty(C) if return_var else mean
     update = running_mean is not None
     counts = update and num_batches_tracked is not None
     cumulative = update and momentum is None

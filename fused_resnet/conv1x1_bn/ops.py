@@ -118,7 +118,7 @@ conv1x1_forward_op = torch.library.custom_op(
 @conv1x1_forward_op.register_fake
 def _conv1x1_forward_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, with_stats, running_mean,
                           running_var, num_batches_tracked, momentum, eps):
-    y = x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
+    y = torch.empty(_output_shape(x, weight, stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     shape = (weight.shape[0],) if with_stats else _EMPTY
     return y, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
@@ -179,7 +179,7 @@ def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_
     def grad(like, need):
         return torch.empty_like(like) if need else x.new_empty(_EMPTY)
 
-    dx = x.new_empty(x.shape).contiguous(memory_format=torch.channels_last) if need_x else x.new_empty(_EMPTY)
+    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else x.new_empty(_EMPTY)
     return (dx, grad(weight, need_w), x.new_empty((weight.shape[0],)) if (need_b and has_bias) else x.new_empty(_EMPTY),
             grad(p_weight, need_pw and prologue and p_weight is not None),
             grad(p_bias, need_pb and prologue and p_bias is not None))
@@ -238,7 +238,7 @@ def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, 
     def grad(like, need):
         return torch.empty_like(like) if need else x.new_empty(_EMPTY)
 
-    dx = x.new_empty(x.shape).contiguous(memory_format=torch.channels_last) if need_x else x.new_empty(_EMPTY)
+    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else x.new_empty(_EMPTY)
     return (dx, grad(weight, need_w), x.new_empty((weight.shape[0],)) if (need_b and has_bias) else x.new_empty(_EMPTY),
             grad(weight2, need_w2),
             x.new_empty((weight2.shape[0],)) if (need_b2 and has_bias2) else x.new_empty(_EMPTY))
@@ -283,7 +283,7 @@ conv1x1_bn_eval_op = torch.library.custom_op("fused_resnet::conv1x1_bn_eval", mu
 @conv1x1_bn_eval_op.register_fake
 def _conv1x1_bn_eval_fake(x, weight, bias, stride, p_mean, p_invstd, p_weight, p_bias, running_mean, running_var,
                           bn_weight, bn_bias, eps, residual, relu):
-    return x.new_empty(_output_shape(x, weight, stride)).contiguous(memory_format=torch.channels_last)
+    return torch.empty(_output_shape(x, weight, stride), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 def _batch_stats(

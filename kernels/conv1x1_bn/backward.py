@@ -219,7 +219,7 @@ def conv1x1_dgrad(
         else tiles.num_warps
     tiles = GemmTiles(tiles.block_m, tiles.block_k, tiles.block_n, tiles.group_m, warps, tiles.num_stages)
     num_m_tiles = cdiv(geo.M, tiles.block_m)
-    partials = (torch.empty((num_m_tiles, 3, geo.C_in), device=x.device, dtype=torch.float32)
+    partials = (torch.empty(num_m_tiles, 3, geo.C_in, device=x.device, dtype=torch.float32)
                 if prologue is not None else None)
     if geo.M == 0 or geo.C_in == 0:
         return out, partials
@@ -258,8 +258,8 @@ def conv1x1_wgrad(
     precision = input_precision(x.dtype, allow_tf32, target)
     tiles, splits, rows_per_split = wgrad_plan(geo.M, N, K, x.dtype, *_plan(x.dtype, allow_tf32, target),
                                                prologue=prologue is not None)
-    partials = torch.empty((splits, N, K), device=x.device, dtype=torch.float32)
-    bias_partials = torch.empty((splits, N), device=x.device, dtype=torch.float32) if bias_grad else None
+    partials = torch.empty(splits, N, K, device=x.device, dtype=torch.float32)
+    bias_partials = torch.empty(splits, N, device=x.device, dtype=torch.float32) if bias_grad else None
     p_w, p_b = _norm_flags(prologue)
     if N * K > 0:
         conv1x1_wgrad_kernel[(cdiv(N, tiles.block_n), cdiv(K, tiles.block_k), splits)](
@@ -289,13 +289,13 @@ def conv1x1_prologue_backward(
     (skipped without ``need_input``: dx is None). ``training``: the mean / invstd are
     x's batch statistics (their terms enter dx)."""
     C = x.shape[1]
-    sums = torch.empty((3, C), device=x.device, dtype=torch.float32)
+    sums = torch.empty(3, C, device=x.device, dtype=torch.float32)
     dw = torch.empty_like(norm.weight) if (need_weight and norm.weight is not None) else None
     db = torch.empty_like(norm.bias) if (need_bias and norm.bias is not None) else None
     if C > 0:
         if partials.shape[0] > 1:
             # One partial row per GEMM row tile (thousands): summed by a combining pass that fills the GPU first.
-            total = torch.empty((1, 3, C), device=x.device, dtype=torch.float32)
+            total = torch.empty(1, 3, C, device=x.device, dtype=torch.float32)
             _split_sum(partials, total, partials.shape[0], 3 * C, None)
             partials = total
         bn_add_relu_backward_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](

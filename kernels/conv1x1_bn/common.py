@@ -126,8 +126,11 @@ def geometry_of(x: torch.Tensor, weight: torch.Tensor, stride: int) -> ConvGeome
 
 
 def _nhwc_empty(shape, like: torch.Tensor, zeros: bool = False) -> torch.Tensor:
-    make = torch.zeros if zeros else torch.empty
-    return make(shape, device=like.device, dtype=like.dtype).contiguous(memory_format=torch.channels_last)
+    """A channels_last tensor of ``shape`` in ``like``'s dtype and device, uninitialised or
+    zeroed: allocated in that layout (an NCHW one made channels_last would be one more
+    launch and a copy of the whole output)."""
+    out = torch.empty(shape, device=like.device, dtype=like.dtype, memory_format=torch.channels_last)
+    return out.zero_() if zeros else out
 
 
 def _norm_args(norm: Optional[ChannelNorm], fallback: torch.Tensor) -> tuple:

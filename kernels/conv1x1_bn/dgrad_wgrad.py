@@ -147,11 +147,11 @@ def conv1x1_dgrad_wgrad(
 
     tiles, splits, rows_per_split = plan
     out = _nhwc_empty(x.shape, x, zeros=geo.sampled)
-    partials = (torch.empty((cdiv(geo.M, tiles.block_m), 3, K), device=x.device, dtype=torch.float32)
+    partials = (torch.empty(cdiv(geo.M, tiles.block_m), 3, K, device=x.device, dtype=torch.float32)
                 if prologue is not None else None)
 
     def fp32(*shape):
-        return torch.empty((splits, *shape), device=x.device, dtype=torch.float32)
+        return torch.empty(splits, *shape, device=x.device, dtype=torch.float32)
 
     w_partials, b_partials = fp32(N, K), (fp32(N) if bias_grad else None)
     w2_partials, b2_partials = (fp32(N2, K) if second is not None else None), (fp32(N2) if bias_grad2 else None)

@@ -130,7 +130,7 @@ def conv1x1_forward(
         tiles = gemm_tiles(geo.M, geo.C_out, geo.C_in, x.dtype, *_plan(x.dtype, allow_tf32, target),
                            heavy_epilogue=eval_norm is not None and residual is not None)
     num_m_tiles = cdiv(geo.M, tiles.block_m)
-    partials = torch.empty((num_m_tiles, 2, geo.C_out), device=x.device, dtype=torch.float32) if stats else None
+    partials = torch.empty(num_m_tiles, 2, geo.C_out, device=x.device, dtype=torch.float32) if stats else None
     if geo.M == 0 or geo.C_out == 0:
         return y, partials, tiles.block_m
     p_w, p_b = _norm_flags(prologue)

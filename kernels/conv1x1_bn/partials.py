@@ -128,12 +128,12 @@ def conv1x1_stats_finalize(
     levels = combining_levels(num_tiles, 2 * C * 4, channel_blocks)
     for tiles_per_group in levels[:-1]:
         groups = cdiv(num_tiles, tiles_per_group)
-        merged = torch.empty((groups, 2, C), device=partials.device, dtype=torch.float32)
+        merged = torch.empty(groups, 2, C, device=partials.device, dtype=torch.float32)
         conv1x1_stats_merge_kernel[(channel_blocks, groups)](
             partials, merged, C, num_tiles, M, tile_rows, tiles_per_group,
             FINAL=False, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
         partials, num_tiles, tile_rows = merged, groups, tile_rows * tiles_per_group
-    merged = torch.empty((3, C), device=partials.device, dtype=torch.float32)
+    merged = torch.empty(3, C, device=partials.device, dtype=torch.float32)
     conv1x1_stats_merge_kernel[(channel_blocks, 1)](
         partials, merged, C, num_tiles, M, tile_rows, max(num_tiles, 1),
         FINAL=True, BLOCK_P=STATS_MERGE_BLOCK_P, BLOCK_C=STATS_MERGE_BLOCK_C)
@@ -167,7 +167,7 @@ def _split_sum(partials: torch.Tensor, out: torch.Tensor, splits: int, numel: in
     levels = combining_levels(splits, numel * 4, col_blocks)
     for rows_per_group in levels:
         groups = cdiv(splits, rows_per_group)
-        dest = out if groups == 1 else torch.empty((groups, numel), device=partials.device, dtype=torch.float32)
+        dest = out if groups == 1 else torch.empty(groups, numel, device=partials.device, dtype=torch.float32)
         split_sum_kernel[(col_blocks, groups)](
             partials, dest, numel, splits, rows_per_group, INTERPRETER_BF16=_interpreter_bf16(dest.dtype, target),
             BLOCK_R=max(1, SPLIT_SUM_TILE // block), BLOCK=block, num_warps=8)

@@ -315,3 +315,22 @@ def test_autotune_prints_the_rule_against_the_best_on_a_tiny_shape(capsys):
     assert {t for _, t in rows[0]["all"]} == set(candidates)
     out = capsys.readouterr().out
     assert "rule tiles" in out and "1,16,4,8,16" in out and "interpreter times" in out
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_outputs_are_allocated_channels_last_without_a_copy(zeros):
+    """The GEMMs' outputs are allocated channels_last: an NCHW allocation made channels_last
+    would add a copy of the whole output (one more launch, twice its bytes) to every call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fused_resnet.kernels.conv1x1_bn.common import _nhwc_empty
+
+    like = torch.ones(1, device=DEVICE, dtype=torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = _nhwc_empty((2, 6, 3, 5), like, zeros=zeros)
+    ops = {event.name for event in prof.events()}
+    assert not ops & {"aten::contiguous", "aten::clone", "aten::copy_"}, ops
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert out.dtype == torch.bfloat16 and out.device == like.device and out.shape == (2, 6, 3, 5)
+    if zeros:
+        assert torch.equal(out, torch.zeros_like(out))
