@@ -78,22 +78,26 @@ def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> Dict[str, Any]:
     are used; ``num_batches_tracked`` passed only when training with running statistics
     (the op increments it and reads it for ``momentum=None``).
     """
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    use_running = not bn.training or bn.track_running_stats
-    counts_batches = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    # Each buffer read once: a module's buffers and parameters are read through
+    # nn.Module.__getattr__, host time on every call.
+    training, running_mean, running_var = bn.training, bn.running_mean, bn.running_var
+    num_batches_tracked = bn.num_batches_tracked
+    bn_training = training or (running_mean is None and running_var is None)
+    use_running = not training or bn.track_running_stats
+    counts_batches = training and bn.track_running_stats and num_batches_tracked is not None
     momentum = bn.momentum
     if momentum is None and not counts_batches:
         # _BatchNorm's factor when it cannot count batches: the running stats stay as they are.
         momentum = 0.0
     return dict(
-        running_mean=bn.running_mean if use_running else None,
-        running_var=bn.running_var if use_running else None,
+        running_mean=running_mean if use_running else None,
+        running_var=running_var if use_running else None,
         weight=bn.weight,
         bias=bn.bias,
         training=bn_training,
         momentum=momentum,
         eps=bn.eps,
-        num_batches_tracked=bn.num_batches_tracked if counts_batches else None,
+        num_batches_tracked=num_batches_tracked if counts_batches else None,
     )
 
 

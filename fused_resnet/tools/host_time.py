@@ -57,7 +57,8 @@ def per_call_us(fn: Callable[[], object], repeats: int, rounds: int = 7) -> floa
 
 
 def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
-    """name -> (fused call, eager call) on tiny CPU tensors."""
+    """name -> (fused call, eager call) on tiny CPU tensors: the ops against eager's functional
+    calls, then ``BatchNormReLU2d`` against ``BatchNorm2d`` + ``ReLU`` modules ("module ...")."""
     import torch.onnx  # noqa: F401 - imported in a user's process (torchvision and timm import it): the ops check its export flag
 
     import fused_resnet
@@ -118,12 +119,32 @@ def cases() -> dict[str, tuple[Callable[[], object], Callable[[], object]]]:
         with torch.no_grad():
             return torch.add(x, r).relu_()
 
+    # What a converted model runs: the fused module in place of BatchNorm2d + ReLU (two module calls).
+    from fused_resnet.nn import BatchNormReLU2d
+
+    def module_pair(training):
+        fused_module, bn_module = BatchNormReLU2d(C).train(training), torch.nn.BatchNorm2d(C).train(training)
+        relu_module = torch.nn.ReLU(inplace=True)
+
+        def fused():
+            with torch.set_grad_enabled(training):
+                return fused_module(xg)
+
+        def eager():
+            with torch.set_grad_enabled(training):
+                return relu_module(bn_module(xg))
+        return fused, eager
+
+    fused_module_train, eager_module_train = module_pair(True)
     return {"bn_relu eval forward": (fused_eval, eager_eval),
             "bn_add_relu eval forward": (fused_add_eval, eager_add_eval),
             "bn_relu train forward": (fused_train, eager_train),
             "bn_relu train forward+backward": (step(fused_train), step(eager_train)),
             "add_relu forward": (fused_add_relu, eager_add_relu),
-            "conv1x1_bn_relu train fwd+bwd": (step(fused_conv_train), step(eager_conv_train))}
+            "conv1x1_bn_relu train fwd+bwd": (step(fused_conv_train), step(eager_conv_train)),
+            "module eval forward": module_pair(False),
+            "module train forward": (fused_module_train, eager_module_train),
+            "module train forward+backward": (step(fused_module_train), step(eager_module_train))}
 
 
 # The issue's bound on an op call's host time: within this factor of eager's dispatch.
