@@ -72,12 +72,18 @@ class Conv1x1Function(torch.autograd.Function):
              running_mean, running_var, num_batches_tracked, momentum, eps),
             mutated=(running_mean, running_var, num_batches_tracked))
         ctx.mark_non_differentiable(mean, invstd)
+        # The statistics' gradients are never read: no zero tensors (two launches) for them.
+        # Eager only: Dynamo cannot trace set_materialize_grads, and Inductor elides unread zeros.
+        if not torch.compiler.is_compiling():
+            ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, p_mean, p_invstd, p_weight, p_bias)
         ctx.config = (stride, bias is not None, p_training)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx, dy, _d_mean, _d_invstd):
+        if dy is None:  # y received no gradient: nothing flows back
+            return (None,) * 15
         x, weight, p_mean, p_invstd, p_weight, p_bias = ctx.saved_tensors
         stride, has_bias, p_training = ctx.config
         needs = ctx.needs_input_grad
@@ -122,14 +128,25 @@ class Conv1x1PairFunction(torch.autograd.Function):
             op, _conv1x1_forward, (x, weight2, bias2, stride2, None, None, None, None, True, s2_mean, s2_var,
                                    s2_count, s2_momentum, s2_eps), mutated=(s2_mean, s2_var, s2_count))
         ctx.mark_non_differentiable(mean, invstd, mean2, invstd2)
+        # As Conv1x1Function: no zero tensors for the statistics' gradients, nor for a y unused.
+        if not torch.compiler.is_compiling():
+            ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, weight2)
-        ctx.config = (stride2, bias is not None, bias2 is not None)
+        ctx.config = (stride2, bias is not None, bias2 is not None, y.shape, y2.shape)
         return y, mean, invstd, y2, mean2, invstd2
 
     @staticmethod
     def backward(ctx, dy, _dm, _ds, dy2, _dm2, _ds2):
         x, weight, weight2 = ctx.saved_tensors
-        stride2, has_bias, has_bias2 = ctx.config
+        stride2, has_bias, has_bias2, y_shape, y2_shape = ctx.config
+        if dy is None and dy2 is None:
+            return (None,) * 16
+
+        def zeros(shape):  # the gradient of an output that received none
+            return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).zero_()
+
+        dy = zeros(y_shape) if dy is None else dy
+        dy2 = zeros(y2_shape) if dy2 is None else dy2
         needs = ctx.needs_input_grad
         dx, dw, db, dw2, db2 = backend.call_op(
             torch.ops.fused_resnet.conv1x1_pair_backward, _conv1x1_pair_backward,
