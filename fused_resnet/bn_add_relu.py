@@ -286,17 +286,17 @@ def bn_add_relu_backward_implementation(
             d_res = as_layout(g, layout)
     else:
         dy, y = as_layout(dy, layout), as_layout(y, layout)
-
-        def norm_of(m, s, rm, rv, w, b, batch, e):
-            return ChannelNorm(m, s, w, b) if batch else ChannelNorm(rm, torch.rsqrt(rv.float() + e), w, b)
-
-        norm = norm_of(mean, invstd, running_mean, running_var, weight, bias, training, eps)
+        # Eval: the running variance goes to the kernels as it is, turned into invstd there.
+        norm = ChannelNorm(mean, invstd, weight, bias) if training else ChannelNorm(
+            running_mean, running_var, weight, bias)
         r_norm = None
         if is_bn:
-            r_norm = norm_of(r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps)
+            r_norm = ChannelNorm(r_mean, r_invstd, r_weight, r_bias) if r_training else ChannelNorm(
+                r_running_mean, r_running_var, r_weight, r_bias)
         dx, d_res, dw, db, r_dw, r_db = bn_add_relu_backward(
             dy, y, x, layout, norm, training, residual_mode, any(output_mask),
-            residual=residual, residual_norm=r_norm, r_training=r_training)
+            residual=residual, residual_norm=r_norm, r_training=r_training,
+            var_eps=None if training else eps, r_var_eps=None if (r_training or not is_bn) else r_eps)
     return (dx, d_res, _grad_or_none(dw, weight, need_w), _grad_or_none(db, bias, need_b),
             _grad_or_none(r_dw, r_weight, need_rw and is_bn), _grad_or_none(r_db, r_bias, need_rb and is_bn))
 

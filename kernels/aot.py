@@ -258,12 +258,13 @@ def bn_add_relu_launches(x: torch.Tensor, layout: Layout, every: bool) -> Iterat
             for affine in ((True, False) if every else (True,)):
                 w = vector(dtype) if affine else None
                 batch = ChannelNorm(*batch_stats, w, w)
-                # Forward in eval: running mean and variance. Backward in eval: running mean and an
-                # fp32 invstd (SyncBatchNorm: fp32 copies of both).
-                forward = {True: batch, False: ChannelNorm(vector(dtype), vector(dtype), w, w)}
-                backward = {True: (batch,), False: (ChannelNorm(vector(dtype), vector(torch.float32), w, w),)}
+                # Eval, forward and backward: running mean and variance (FROM_VAR). Each backward
+                # norm comes with its var_eps (None: an invstd; SyncBatchNorm's eval hands over fp32 ones).
+                running = ChannelNorm(vector(dtype), vector(dtype), w, w)
+                forward = {True: batch, False: running}
+                backward = {True: ((batch, None),), False: ((running, 1e-5),)}
                 if every:
-                    backward[False] += (batch,)
+                    backward[False] += ((batch, None),)
                 for mode in (RESIDUAL_NONE, RESIDUAL_ADD, RESIDUAL_BN):
                     r = x if mode != RESIDUAL_NONE else None
                     modes = [(False, False), (True, True)]
@@ -273,11 +274,11 @@ def bn_add_relu_launches(x: torch.Tensor, layout: Layout, every: bool) -> Iterat
                         r_norm = forward[r_training] if mode == RESIDUAL_BN else None
                         bn_add_relu_forward(x, layout, forward[training], 1e-5, not training, r, r_norm, 1e-5,
                                             not r_training)
-                        for norm in backward[training]:
-                            for r_norm in (backward[r_training] if mode == RESIDUAL_BN else (None,)):
+                        for norm, var_eps in backward[training]:
+                            for r_norm, r_var_eps in (backward[r_training] if mode == RESIDUAL_BN else ((None, None),)):
                                 for need_param_grads in ((True, False) if every else (True,)):
                                     bn_add_relu_backward(x, x, x, layout, norm, training, mode, need_param_grads,
-                                                         r, r_norm, r_training)
+                                                         r, r_norm, r_training, var_eps, r_var_eps)
     yield from rec.launches
 
 

@@ -54,15 +54,23 @@ def tile(num_rows, row_len, C, CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.cons
 
 
 @triton.jit
+def channel_invstd(invstd_ptr, c, mask, eps, FROM_VAR: tl.constexpr):
+    """1/sqrt(var + eps) per channel, in fp32: loaded, or (FROM_VAR) computed from the
+    variance invstd_ptr holds (eval: no separate pass over the running variance)."""
+    invstd = tl.load(invstd_ptr + c, mask=mask, other=1.0).to(tl.float32)
+    if FROM_VAR:
+        invstd = 1.0 / tl.sqrt(invstd + eps)
+    return invstd
+
+
+@triton.jit
 def channel_affine(c, mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
                    FROM_VAR: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Per-channel (mean, scale, shift) of bn(v) = (v - mean) * scale + shift, in fp32.
 
     scale = invstd * w, shift = b; FROM_VAR: invstd_ptr holds the variance."""
     mean = tl.load(mean_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(invstd_ptr + c, mask=mask, other=1.0).to(tl.float32)
-    if FROM_VAR:
-        scale = 1.0 / tl.sqrt(scale + eps)
+    scale = channel_invstd(invstd_ptr, c, mask, eps, FROM_VAR)
     if HAS_WEIGHT:
         scale = scale * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
     shift = 0.0
@@ -134,9 +142,10 @@ def bn_add_relu_backward_reduce_kernel(
     dy_ptr, y_ptr, x_ptr, r_ptr, g_ptr, partial_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
     N, C, HW, stride_n, stride_c, stride_hw,
-    rows_per_program, blocks_per_span, spans_per_image,
+    rows_per_program, blocks_per_span, spans_per_image, eps, r_eps,
     STORE_G: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr, MASK_FROM_INPUTS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, R_HAS_WEIGHT: tl.constexpr, R_HAS_BIAS: tl.constexpr,
+    FROM_VAR: tl.constexpr, R_FROM_VAR: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -144,12 +153,12 @@ def bn_add_relu_backward_reduce_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     hw = tl.arange(0, BLOCK_HW)
-    mean, scale, shift = channel_affine(c[None, :], c_mask[None, :], mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
-                                        False, HAS_WEIGHT, HAS_BIAS)
+    mean, scale, shift = channel_affine(c[None, :], c_mask[None, :], mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
+                                        FROM_VAR, HAS_WEIGHT, HAS_BIAS)
     r_mean, r_scale, r_shift = mean, scale, shift
     if RESIDUAL_IS_BN:
         r_mean, r_scale, r_shift = channel_affine(c[None, :], c_mask[None, :], r_mean_ptr, r_invstd_ptr, r_w_ptr,
-                                                  r_b_ptr, 0.0, False, R_HAS_WEIGHT, R_HAS_BIAS)
+                                                  r_b_ptr, r_eps, R_FROM_VAR, R_HAS_WEIGHT, R_HAS_BIAS)
 
     acc_g = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
     acc_gx = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
@@ -189,9 +198,9 @@ def bn_add_relu_backward_reduce_kernel(
 @triton.jit(do_not_specialize=["num_partials"])  # a loop bound, as in bn_stats_finalize_kernel
 def bn_add_relu_backward_finalize_kernel(
     partial_ptr, sums_ptr, invstd_ptr, dw_ptr, db_ptr, r_invstd_ptr, r_dw_ptr, r_db_ptr,
-    C, num_partials,
+    C, num_partials, eps, r_eps,
     WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, RESIDUAL_IS_BN: tl.constexpr,
-    R_WRITE_DW: tl.constexpr, R_WRITE_DB: tl.constexpr,
+    R_WRITE_DW: tl.constexpr, R_WRITE_DB: tl.constexpr, FROM_VAR: tl.constexpr, R_FROM_VAR: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -215,7 +224,7 @@ def bn_add_relu_backward_finalize_kernel(
     tl.store(sums_ptr + c, sum_g, mask=c_mask)
     tl.store(sums_ptr + C + c, sum_gx, mask=c_mask)
     if WRITE_DW:
-        invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+        invstd = channel_invstd(invstd_ptr, c, c_mask, eps, FROM_VAR)
         tl.store(dw_ptr + c, (sum_gx * invstd).to(dw_ptr.dtype.element_ty), mask=c_mask)
     if WRITE_DB:
         tl.store(db_ptr + c, sum_g.to(db_ptr.dtype.element_ty), mask=c_mask)
@@ -223,7 +232,7 @@ def bn_add_relu_backward_finalize_kernel(
         sum_gr = tl.sum(s_gr, axis=0)
         tl.store(sums_ptr + 2 * C + c, sum_gr, mask=c_mask)
         if R_WRITE_DW:
-            r_invstd = tl.load(r_invstd_ptr + c, mask=c_mask, other=0.0)
+            r_invstd = channel_invstd(r_invstd_ptr, c, c_mask, r_eps, R_FROM_VAR)
             tl.store(r_dw_ptr + c, (sum_gr * r_invstd).to(r_dw_ptr.dtype.element_ty), mask=c_mask)
         if R_WRITE_DB:
             tl.store(r_db_ptr + c, sum_g.to(r_db_ptr.dtype.element_ty), mask=c_mask)
@@ -244,19 +253,20 @@ def bn_input_grad(g, v, c, mask, mean, scale, invstd, sum_g_ptr, sum_gv_ptr, cou
 def bn_add_relu_backward_dx_kernel(
     dy_ptr, y_ptr, g_ptr, x_ptr, dx_ptr, r_ptr, dr_ptr, sums_ptr,
     mean_ptr, invstd_ptr, w_ptr, b_ptr, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr,
-    num_rows, row_len, C, count,
+    num_rows, row_len, C, eps, r_eps, count,
     G_FROM_BUFFER: tl.constexpr, STORE_G: tl.constexpr, MASK_FROM_INPUTS: tl.constexpr,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     RESIDUAL_IS_BN: tl.constexpr, R_TRAINING: tl.constexpr, R_HAS_WEIGHT: tl.constexpr, R_HAS_BIAS: tl.constexpr,
+    FROM_VAR: tl.constexpr, R_FROM_VAR: tl.constexpr,
     CHANNEL_IS_COL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     offsets, mask, c, c_mask = tile(num_rows, row_len, C, CHANNEL_IS_COL, BLOCK_ROWS, BLOCK_COLS)
-    mean, scale, shift = channel_affine(c, c_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, 0.0,
-                                        False, HAS_WEIGHT, HAS_BIAS)
+    mean, scale, shift = channel_affine(c, c_mask, mean_ptr, invstd_ptr, w_ptr, b_ptr, eps,
+                                        FROM_VAR, HAS_WEIGHT, HAS_BIAS)
     r_mean, r_scale, r_shift = mean, scale, shift
     if RESIDUAL_IS_BN:
-        r_mean, r_scale, r_shift = channel_affine(c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, 0.0,
-                                                  False, R_HAS_WEIGHT, R_HAS_BIAS)
+        r_mean, r_scale, r_shift = channel_affine(c, c_mask, r_mean_ptr, r_invstd_ptr, r_w_ptr, r_b_ptr, r_eps,
+                                                  R_FROM_VAR, R_HAS_WEIGHT, R_HAS_BIAS)
     # Eval: dx = g * w * invstd needs no x (a read of T saved); likewise r.
     x = 0.0
     if TRAINING:
@@ -275,11 +285,11 @@ def bn_add_relu_backward_dx_kernel(
                       MASK_FROM_INPUTS, RESIDUAL_IS_BN, y_ptr.dtype.element_ty)
         if STORE_G:
             tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
-    invstd = tl.load(invstd_ptr + c, mask=c_mask, other=0.0)
+    invstd = channel_invstd(invstd_ptr, c, c_mask, eps, FROM_VAR)
     dx = bn_input_grad(g, x, c, c_mask, mean, scale, invstd, sums_ptr, sums_ptr + C, count, TRAINING)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if RESIDUAL_IS_BN:
-        r_invstd = tl.load(r_invstd_ptr + c, mask=c_mask, other=0.0)
+        r_invstd = channel_invstd(r_invstd_ptr, c, c_mask, r_eps, R_FROM_VAR)
         dr = bn_input_grad(g, r, c, c_mask, r_mean, r_scale, r_invstd, sums_ptr, sums_ptr + 2 * C, count,
                            R_TRAINING)
         tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=mask)
@@ -307,6 +317,11 @@ def _affine_args(norm: ChannelNorm) -> tuple:
     """mean, invstd, weight, bias pointers of a ChannelNorm (absent ones: unread dummies)."""
     mean, invstd, weight, bias = norm
     return mean, invstd, mean if weight is None else weight, mean if bias is None else bias
+
+
+def _eps_args(var_eps: Optional[float], r_var_eps: Optional[float]) -> tuple[float, float]:
+    """The kernels' eps arguments: read only under FROM_VAR / R_FROM_VAR (a variance given)."""
+    return (0.0 if var_eps is None else float(var_eps)), (0.0 if r_var_eps is None else float(r_var_eps))
 
 
 def can_mask_from_inputs(residual_mode: int, training: bool, r_training: bool = False) -> bool:
@@ -366,6 +381,8 @@ def bn_add_relu_backward_sums(
     residual_norm: Optional[ChannelNorm] = None,
     need_param_grads: bool = True,
     mask_from_inputs: bool = False,
+    var_eps: Optional[float] = None,
+    r_var_eps: Optional[float] = None,
 ):
     """The reduction pass of the backward: per-channel sums and parameter gradients.
 
@@ -374,6 +391,7 @@ def bn_add_relu_backward_sums(
     For ``RESIDUAL_ADD`` d_residual (= g) is written here; otherwise it is None. The
     parameter gradients come from these sums (local ones, under SyncBatchNorm too).
     ``mask_from_inputs`` (see ``can_mask_from_inputs``): y is recomputed, not read.
+    ``var_eps`` (``r_var_eps``): see ``bn_add_relu_backward``.
     """
     C = layout.C
     is_bn = residual_mode == RESIDUAL_BN
@@ -393,18 +411,20 @@ def bn_add_relu_backward_sums(
         dy, y, x, _or(residual, x), _or(d_res, x), partials,
         *_affine_args(norm), *_affine_args(rn),
         layout.N, C, layout.HW, stride_n, stride_c, stride_hw,
-        plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image,
+        plan.rows_per_program, plan.blocks_per_span, plan.spans_per_image, *_eps_args(var_eps, r_var_eps),
         STORE_G=d_res is not None, RESIDUAL_IS_BN=is_bn, MASK_FROM_INPUTS=mask_from_inputs,
         HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
         R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
+        FROM_VAR=var_eps is not None, R_FROM_VAR=r_var_eps is not None,
         BLOCK_HW=plan.block_hw, BLOCK_C=plan.block_c, num_warps=plan.num_warps,
     )
     bn_add_relu_backward_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
         partials, sums, norm.invstd, _or(dw, sums), _or(db, sums),
         rn.invstd, _or(r_dw, sums), _or(r_db, sums),
-        C, plan.num_partials,
+        C, plan.num_partials, *_eps_args(var_eps, r_var_eps),
         WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=is_bn,
         R_WRITE_DW=r_dw is not None, R_WRITE_DB=r_db is not None,
+        FROM_VAR=var_eps is not None, R_FROM_VAR=r_var_eps is not None,
         BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C, num_warps=FINALIZE_WARPS,
     )
     return sums, d_res, dw, db, r_dw, r_db
@@ -425,6 +445,8 @@ def bn_add_relu_backward_dx(
     residual_norm: Optional[ChannelNorm] = None,
     r_training: bool = False,
     mask_from_inputs: bool = False,
+    var_eps: Optional[float] = None,
+    r_var_eps: Optional[float] = None,
 ):
     """The elementwise pass of the backward: dx (and d_residual).
 
@@ -446,13 +468,14 @@ def bn_add_relu_backward_dx(
     bn_add_relu_backward_dx_kernel[plan.grid](
         dy, y, _or(d_res, x), x, dx, _or(residual, x), _or(d_res, x), _or(sums, dx),
         *_affine_args(norm), *_affine_args(rn),
-        plan.num_rows, plan.row_len, layout.C, float(count),
+        plan.num_rows, plan.row_len, layout.C, *_eps_args(var_eps, r_var_eps), float(count),
         G_FROM_BUFFER=g_from_buffer,
         STORE_G=residual_mode == RESIDUAL_ADD and not g_from_buffer,
         MASK_FROM_INPUTS=mask_from_inputs and not g_from_buffer,
         TRAINING=training, HAS_WEIGHT=norm.weight is not None, HAS_BIAS=norm.bias is not None,
         RESIDUAL_IS_BN=is_bn, R_TRAINING=is_bn and r_training,
         R_HAS_WEIGHT=rn.weight is not None, R_HAS_BIAS=rn.bias is not None,
+        FROM_VAR=var_eps is not None, R_FROM_VAR=r_var_eps is not None,
         CHANNEL_IS_COL=plan.channel_is_col, BLOCK_ROWS=plan.block_rows, BLOCK_COLS=plan.block_cols,
     )
     return dx, d_res
@@ -470,13 +493,16 @@ def bn_add_relu_backward(
     residual: Optional[torch.Tensor] = None,
     residual_norm: Optional[ChannelNorm] = None,
     r_training: bool = False,
+    var_eps: Optional[float] = None,
+    r_var_eps: Optional[float] = None,
 ):
     """Gradients of ``bn_add_relu_forward``: the reduction pass (skipped in eval when no
     parameter needs a gradient), then the elementwise pass.
 
     ``training`` (``r_training``): the normalisation used batch statistics, so the
-    input gradient carries their terms. ``norm.invstd`` is 1/sqrt(var + eps) here,
-    never the variance. Returns ``(dx, d_residual, d_weight, d_bias, d_r_weight,
+    input gradient carries their terms. ``norm.invstd`` is 1/sqrt(var + eps), or with
+    ``var_eps`` given the variance (eval: the running variance, turned into invstd in
+    the kernels, with that eps); ``r_var_eps`` likewise for ``residual_norm``. Returns ``(dx, d_residual, d_weight, d_bias, d_r_weight,
     d_r_bias)``; entries that do not apply are None. dy, y, x (and residual) must be
     dense in ``layout``.
     """
@@ -487,8 +513,9 @@ def bn_add_relu_backward(
     # parameter gradients come out zero.
     if training or (is_bn and r_training) or need_param_grads:
         sums, d_res, dw, db, r_dw, r_db = bn_add_relu_backward_sums(
-            dy, y, x, layout, norm, residual_mode, residual, residual_norm, need_param_grads, from_inputs)
+            dy, y, x, layout, norm, residual_mode, residual, residual_norm, need_param_grads, from_inputs,
+            var_eps, r_var_eps)
     dx, d_res = bn_add_relu_backward_dx(
         dy, y, x, layout, norm, training, residual_mode, sums, layout.N * layout.HW, d_res,
-        residual, residual_norm, r_training, from_inputs)
+        residual, residual_norm, r_training, from_inputs, var_eps, r_var_eps)
     return dx, d_res, dw, db, r_dw, r_db

@@ -300,9 +300,9 @@ def conv1x1_prologue_backward(
             partials = total
         bn_add_relu_backward_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
             partials, sums, norm.invstd, _or(dw, sums), _or(db, sums), norm.invstd, sums, sums,
-            C, partials.shape[0],
+            C, partials.shape[0], 0.0, 0.0,
             WRITE_DW=dw is not None, WRITE_DB=db is not None, RESIDUAL_IS_BN=False,
-            R_WRITE_DW=False, R_WRITE_DB=False,
+            R_WRITE_DW=False, R_WRITE_DB=False, FROM_VAR=False, R_FROM_VAR=False,
             BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C, num_warps=FINALIZE_WARPS,
         )
     if not need_input:
