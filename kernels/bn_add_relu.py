@@ -299,7 +299,8 @@ class ChannelNorm(NamedTuple):
     """The per-channel affine of one BatchNorm in a launch.
 
     ``invstd`` holds 1/sqrt(var + eps) (fp32), or the running variance when a kernel is
-    told FROM_VAR (eval forward: the variance is turned into invstd in the same pass).
+    told FROM_VAR (eval: the forward's ``from_var``, the backward's ``var_eps``; the
+    variance is turned into invstd in the same pass).
     """
 
     mean: torch.Tensor
