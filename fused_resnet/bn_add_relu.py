@@ -57,6 +57,12 @@ def empty_batch_stats(x: Tensor, batch: bool) -> tuple[Tensor, Tensor]:
     return zeros, zeros.clone()
 
 
+def fake_grad(x: Tensor, param: Optional[Tensor], need: bool) -> Tensor:
+    """A backward op's fake gradient of ``param``: like it where one is computed, else the
+    empty tensor that stands for none (a custom op cannot return None)."""
+    return torch.empty_like(param) if (param is not None and need) else x.new_empty(_EMPTY)
+
+
 def _dense(x: Tensor) -> Tensor:
     """x itself when it is dense NCHW or channels_last, else one NCHW copy."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
@@ -228,6 +234,14 @@ def _bn_backward_composite(g, x, weight, running_mean, running_var, mean, invstd
         training, eps, [True, True, True])
 
 
+def _backward_norm(batch, mean, invstd, running_mean, running_var, weight, bias, eps) -> tuple:
+    """(ChannelNorm, var_eps) of one BatchNorm for the backward kernels: its batch statistics, or
+    in eval its running ones, the variance as it is (turned into invstd in the kernels)."""
+    if batch:
+        return ChannelNorm(mean, invstd, weight, bias), None
+    return ChannelNorm(running_mean, running_var, weight, bias), eps
+
+
 def _grad_or_none(grad: Optional[Tensor], param: Optional[Tensor], need: bool) -> Optional[Tensor]:
     """A parameter's gradient in its dtype, or None where it has none."""
     if param is None or not need:
@@ -286,17 +300,14 @@ def bn_add_relu_backward_implementation(
             d_res = as_layout(g, layout)
     else:
         dy, y = as_layout(dy, layout), as_layout(y, layout)
-        # Eval: the running variance goes to the kernels as it is, turned into invstd there.
-        norm = ChannelNorm(mean, invstd, weight, bias) if training else ChannelNorm(
-            running_mean, running_var, weight, bias)
-        r_norm = None
+        norm, var_eps = _backward_norm(training, mean, invstd, running_mean, running_var, weight, bias, eps)
+        r_norm = r_var_eps = None
         if is_bn:
-            r_norm = ChannelNorm(r_mean, r_invstd, r_weight, r_bias) if r_training else ChannelNorm(
-                r_running_mean, r_running_var, r_weight, r_bias)
+            r_norm, r_var_eps = _backward_norm(r_training, r_mean, r_invstd, r_running_mean, r_running_var,
+                                               r_weight, r_bias, r_eps)
         dx, d_res, dw, db, r_dw, r_db = bn_add_relu_backward(
             dy, y, x, layout, norm, training, residual_mode, any(output_mask),
-            residual=residual, residual_norm=r_norm, r_training=r_training,
-            var_eps=None if training else eps, r_var_eps=None if (r_training or not is_bn) else r_eps)
+            residual=residual, residual_norm=r_norm, r_training=r_training, var_eps=var_eps, r_var_eps=r_var_eps)
     return (dx, d_res, _grad_or_none(dw, weight, need_w), _grad_or_none(db, bias, need_b),
             _grad_or_none(r_dw, r_weight, need_rw and is_bn), _grad_or_none(r_db, r_bias, need_rb and is_bn))
 
@@ -310,14 +321,10 @@ def _(dy, y, x, mean, invstd, running_mean, running_var, weight, bias, training,
       r_mean, r_invstd, r_running_mean, r_running_var, r_weight, r_bias, r_training, r_eps, output_mask):
     need_w, need_b, need_rw, need_rb = output_mask
     is_bn = residual_mode == RESIDUAL_BN
-
-    def grad(p, need):
-        return torch.empty_like(p) if (p is not None and need) else x.new_empty(_EMPTY)
-
     dx = empty_dense_like(x)
     d_res = empty_dense_like(x) if residual_mode != RESIDUAL_NONE else x.new_empty(_EMPTY)
-    return (dx, d_res, grad(weight, need_w), grad(bias, need_b),
-            grad(r_weight, need_rw and is_bn), grad(r_bias, need_rb and is_bn))
+    return (dx, d_res, fake_grad(x, weight, need_w), fake_grad(x, bias, need_b),
+            fake_grad(x, r_weight, need_rw and is_bn), fake_grad(x, r_bias, need_rb and is_bn))
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -503,9 +503,9 @@ def bn_add_relu_backward(
     ``training`` (``r_training``): the normalisation used batch statistics, so the
     input gradient carries their terms. ``norm.invstd`` is 1/sqrt(var + eps), or with
     ``var_eps`` given the variance (eval: the running variance, turned into invstd in
-    the kernels, with that eps); ``r_var_eps`` likewise for ``residual_norm``. Returns ``(dx, d_residual, d_weight, d_bias, d_r_weight,
-    d_r_bias)``; entries that do not apply are None. dy, y, x (and residual) must be
-    dense in ``layout``.
+    the kernels, with that eps); ``r_var_eps`` likewise for ``residual_norm``. Returns
+    ``(dx, d_residual, d_weight, d_bias, d_r_weight, d_r_bias)``; entries that do not
+    apply are None. dy, y, x (and residual) must be dense in ``layout``.
     """
     is_bn = residual_mode == RESIDUAL_BN
     from_inputs = can_mask_from_inputs(residual_mode, training, r_training)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..bn_add_relu import count_empty_batch
+from ..bn_add_relu import _EMPTY, _dense, count_empty_batch, fake_grad
 from ..kernels import RESIDUAL_BN, ChannelNorm, bn_add_relu_forward, bn_stats, layout_of
 from ..kernels.conv1x1_bn import (
     conv1x1_dgrad,
@@ -22,8 +22,6 @@ from ..kernels.conv1x1_bn import (
     conv1x1_wgrad,
     geometry_of,
 )
-
-_EMPTY = (0,)
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -170,19 +168,24 @@ conv1x1_backward_op = torch.library.custom_op("fused_resnet::conv1x1_backward", 
     backend.op_implementation(_conv1x1_backward))
 
 
+def _dx_fake(x: Tensor, need: bool) -> Tensor:
+    """The 1x1 convolutions' input gradient as their backward ops' fakes return it: channels_last."""
+    return torch.empty_like(x, memory_format=torch.channels_last) if need else x.new_empty(_EMPTY)
+
+
+def _conv_param_grads_fake(x: Tensor, weight: Tensor, has_bias: bool, need_w: bool, need_b: bool) -> tuple:
+    """(d_weight, d_bias) of one 1x1 convolution as the backward ops' fakes return them."""
+    db = x.new_empty((weight.shape[0],)) if (need_b and has_bias) else x.new_empty(_EMPTY)
+    return fake_grad(x, weight, need_w), db
+
+
 @conv1x1_backward_op.register_fake
 def _conv1x1_backward_fake(dy, x, weight, stride, has_bias, p_mean, p_invstd, p_weight, p_bias, p_training,
                            output_mask):
     need_x, need_w, need_b, need_pw, need_pb = output_mask
     prologue = p_mean is not None
-
-    def grad(like, need):
-        return torch.empty_like(like) if need else x.new_empty(_EMPTY)
-
-    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else x.new_empty(_EMPTY)
-    return (dx, grad(weight, need_w), x.new_empty((weight.shape[0],)) if (need_b and has_bias) else x.new_empty(_EMPTY),
-            grad(p_weight, need_pw and prologue and p_weight is not None),
-            grad(p_bias, need_pb and prologue and p_bias is not None))
+    return (_dx_fake(x, need_x), *_conv_param_grads_fake(x, weight, has_bias, need_w, need_b),
+            fake_grad(x, p_weight, need_pw and prologue), fake_grad(x, p_bias, need_pb and prologue))
 
 
 def _conv1x1_pair_backward(
@@ -234,14 +237,8 @@ conv1x1_pair_backward_op = torch.library.custom_op("fused_resnet::conv1x1_pair_b
 @conv1x1_pair_backward_op.register_fake
 def _conv1x1_pair_backward_fake(dy, dy2, x, weight, weight2, stride2, has_bias, has_bias2, output_mask):
     need_x, need_w, need_b, need_w2, need_b2 = output_mask
-
-    def grad(like, need):
-        return torch.empty_like(like) if need else x.new_empty(_EMPTY)
-
-    dx = torch.empty_like(x, memory_format=torch.channels_last) if need_x else x.new_empty(_EMPTY)
-    return (dx, grad(weight, need_w), x.new_empty((weight.shape[0],)) if (need_b and has_bias) else x.new_empty(_EMPTY),
-            grad(weight2, need_w2),
-            x.new_empty((weight2.shape[0],)) if (need_b2 and has_bias2) else x.new_empty(_EMPTY))
+    return (_dx_fake(x, need_x), *_conv_param_grads_fake(x, weight, has_bias, need_w, need_b),
+            *_conv_param_grads_fake(x, weight2, has_bias2, need_w2, need_b2))
 
 
 def _conv1x1_bn_eval(
@@ -300,7 +297,7 @@ def _batch_stats(
     if x.numel() == 0:
         count_empty_batch(True, running_mean, num_batches_tracked)
         return _zeroed(_batch_stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, eps))
-    x = x if (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) else x.contiguous()
+    x = _dense(x)
     return bn_stats(x, layout_of(x), running_mean, running_var, num_batches_tracked, momentum, eps)
 
 
